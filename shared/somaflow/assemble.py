@@ -1,0 +1,102 @@
+"""Assemble the per-stage outputs of a run into one result-schema dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from somaflow.io.schema import make_result_dataset
+
+
+def footprints_from_masks(masks: xr.DataArray, image: xr.DataArray) -> xr.DataArray:
+    """Spatial weights of each unit: ``image`` inside its mask, normalized to max 1.
+
+    Parameters
+    ----------
+    masks : xarray.DataArray
+        (unit, y, x) bool.
+    image : xarray.DataArray
+        (y, x) float; non-negative parts are used as weights (e.g. the
+        correlation image).
+
+    Returns
+    -------
+    xarray.DataArray
+        (unit, y, x) float32 in [0, 1]; a unit whose weights are all zero gets
+        its binary mask.
+    """
+    w = np.clip(np.asarray(image, dtype=np.float32), 0, None)
+    m = np.asarray(masks, dtype=bool)
+    fp = m * w[None]
+    peak = fp.reshape(len(m), -1).max(axis=1) if len(m) else np.zeros(0, np.float32)
+    flat = peak <= 0
+    fp[flat] = m[flat]
+    peak[flat] = 1.0
+    fp = fp / peak[:, None, None]
+    return xr.DataArray(fp.astype(np.float32), dims=("unit", "y", "x"))
+
+
+def assemble_result(
+    images: xr.Dataset,
+    units: xr.Dataset,
+    traces: xr.Dataset,
+    *,
+    n_frames: int,
+    params: Mapping[str, Any],
+    source: str,
+    source_checksum: str,
+    fps: float,
+    modality: str,
+    shifts: np.ndarray | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Build the result dataset of CONTRACT.md.
+
+    Parameters
+    ----------
+    images : xarray.Dataset
+        ``mean_image``, ``max_image``, ``correlation_image`` (y, x) and optionally
+        ``std_image``, ``pnr_image``.
+    units : xarray.Dataset
+        ``masks`` (unit, y, x) bool, ``score`` (unit) in [0, 1], optionally
+        ``accepted`` (unit) and ``footprints``.
+    traces : xarray.Dataset
+        ``traces``, ``dff``, ``spikes`` (unit, frame), optionally ``snr`` (unit).
+    shifts : numpy.ndarray, optional
+        (frame, 2) motion estimate in pixels; zeros when no motion correction ran.
+    """
+    masks = units["masks"].astype(bool)
+    n = masks.sizes["unit"]
+    footprints = units["footprints"] if "footprints" in units else footprints_from_masks(
+        masks, images["correlation_image"]
+    )
+    score = units["score"] if "score" in units else xr.DataArray(np.ones(n, np.float32), dims="unit")
+    accepted = units["accepted"] if "accepted" in units else xr.DataArray(np.ones(n, bool), dims="unit")
+    variables: dict[str, Any] = {
+        "masks": masks,
+        "footprints": footprints,
+        "traces": traces["traces"],
+        "dff": traces["dff"],
+        "spikes": traces["spikes"],
+        "accepted": accepted,
+        "score": score,
+        "mean_image": images["mean_image"],
+        "max_image": images["max_image"],
+        "correlation_image": images["correlation_image"],
+        "shifts": np.zeros((n_frames, 2), np.float32) if shifts is None else shifts,
+    }
+    for extra in ("snr",):
+        if extra in traces:
+            variables[extra] = traces[extra].astype(np.float32)
+    for extra in ("std_image", "pnr_image"):
+        if extra in images:
+            variables[extra] = images[extra].astype(np.float32)
+    attrs = {"motion_corrected": shifts is not None}
+    attrs.update(extra_attrs or {})
+    return make_result_dataset(
+        variables, params=params, source=source, source_checksum=source_checksum,
+        fps=fps, modality=modality, extra_attrs=attrs,
+    )

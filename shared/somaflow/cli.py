@@ -1,0 +1,215 @@
+"""The ``somaflow`` command line (CONTRACT.md).
+
+Errors a user can cause end with one line on stderr naming the problem and the
+fix, and a non-zero exit status; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from somaflow import __version__
+from somaflow.errors import ParameterError, SomaflowError
+
+log = logging.getLogger("somaflow")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from somaflow.simulate import list_presets, simulate, write_simulation
+
+    if args.list_presets:
+        for name, description in list_presets():
+            print(f"{name:16s} {description}")
+        return 0
+    if not args.out_dir:
+        raise ParameterError("simulate needs OUT_DIR (or --list-presets).")
+    sim = simulate(args.preset, seed=args.seed)
+    write_simulation(sim, args.out_dir, overwrite=args.overwrite)
+    meta = sim.meta
+    _emit(args, {"out": args.out_dir, "preset": meta["preset"], "seed": meta["seed"],
+                 "n_units": meta["n_units"], "shape": list(meta["shape"]), "fps": meta["fps"],
+                 "modality": meta["modality"], "neuron_radius": meta["neuron_radius"]},
+          lambda d: f"wrote {d['out']}: preset {d['preset']}, seed {d['seed']}, {d['n_units']} units, "
+                    f"movie {d['shape']} at {d['fps']} Hz ({d['modality']})")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from somaflow.io.chunks import parse_memory
+    from somaflow.io.ingest import ingest
+
+    t0 = time.perf_counter()
+    url = ingest(args.input, args.out, fps=args.fps, modality=args.modality, dataset=args.dataset,
+                 axes=args.axes, memory_budget=parse_memory(args.memory_budget),
+                 overwrite=args.overwrite)
+    from somaflow.io.schema import open_movie
+
+    movie = open_movie(url)
+    _emit(args, {"out": url, "shape": list(movie.shape), "dtype": str(movie.dtype),
+                 "fps": movie.attrs["fps"], "seconds": round(time.perf_counter() - t0, 2)},
+          lambda d: f"wrote {d['out']}: {d['shape'][0]} frames of {d['shape'][1]}x{d['shape'][2]} "
+                    f"{d['dtype']} at {d['fps']} Hz in {d['seconds']} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from somaflow.runtime import configure_prefect_env
+
+    configure_prefect_env()
+    from somaflow.errors import ResultExistsError
+    from somaflow.io import stores
+    from somaflow.params import RunParams, load_params_file
+    from somaflow.runtime import dask_client
+
+    if args.inference != "local":
+        raise ParameterError(
+            "--inference: only 'local' (in-process models) is available in this version. Drop the option."
+        )
+    if stores.exists(args.out) and not args.overwrite:
+        raise ResultExistsError(
+            f"{stores.normalize_url(args.out)} already exists. Pass --overwrite to replace it, or choose another --out."
+        )
+    overrides = load_params_file(args.params) if args.params else {}
+    ingest_over = overrides.get("ingest", {}) if isinstance(overrides.get("ingest"), dict) else {}
+    dataset = args.dataset or ingest_over.get("dataset")
+    axes = args.axes or ingest_over.get("axes", "tyx")
+    overrides.setdefault("ingest", {})
+    overrides["ingest"] = {**ingest_over, "dataset": dataset, "axes": axes}
+
+    from somaflow_flows.session import resolve_movie_info, session_flow
+
+    fps, modality = resolve_movie_info(args.input, args.fps, args.modality, dataset, axes)
+    params = RunParams.for_movie(fps, modality, args.neuron_radius, overrides)
+    t0 = time.perf_counter()
+    with dask_client(args.cluster, args.workers) as client:
+        if not args.json:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        summary = session_flow(args.input, args.out, params, overwrite=args.overwrite)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["frames_per_second"] = round(summary["n_frames"] / max(summary["seconds"], 1e-9), 1)
+    _emit(args, summary, _format_run)
+    return 0
+
+
+def _format_run(d: dict[str, Any]) -> str:
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in d["timings"].items())
+    return (f"result: {d['result']}\n"
+            f"units: {d['n_units']} ({d['n_accepted']} accepted) over {d['n_frames']} frames\n"
+            f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from somaflow.evaluate import evaluate, format_report
+
+    metrics = evaluate(args.result, args.ground_truth, iou_threshold=args.iou,
+                       allow_offset=not args.no_offset)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_report(metrics))
+    return 0
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Any) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=str))
+    else:
+        print(fmt(data))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="somaflow", description="Calcium-imaging movies in, neurons out.")
+    p.add_argument("--version", action="version", version=f"somaflow {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="write a synthetic movie with ground truth")
+    s.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help="folder or URL to write movie.tif, ground_truth.zarr, meta.json")
+    s.add_argument("--preset", default="2p-small", help="simulation preset (see --list-presets)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("ingest", help="convert TIFF/HDF5/AVI/NWB/zarr/Suite2p .bin to a movie zarr")
+    s.add_argument("input", metavar="INPUT", help="input file, folder or URL")
+    s.add_argument("--out", required=True, metavar="MOVIE_URL", help="movie zarr to write")
+    s.add_argument("--fps", type=float, help="frame rate in Hz (required when the file does not record it)")
+    s.add_argument("--modality", choices=["2p", "1p"], help="imaging modality (default 2p)")
+    s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input (guessed when unique)")
+    s.add_argument("--axes", default="tyx", metavar="ORDER", help="input axis order, e.g. tyx (default) or yxt")
+    s.add_argument("--memory-budget", default="256MiB", help="memory per chunk in flight (default 256MiB)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("run", help="run the whole pipeline on one session (Prefect flow on Dask)")
+    s.add_argument("input", metavar="INPUT", help="any supported movie file or a movie zarr")
+    s.add_argument("--out", required=True, metavar="RESULT_URL", help="result zarr to write")
+    s.add_argument("--fps", type=float, help="frame rate in Hz (required when the file does not record it)")
+    s.add_argument("--modality", choices=["2p", "1p"], help="imaging modality (default 2p)")
+    s.add_argument("--neuron-radius", type=float, metavar="PX", help="typical soma radius in pixels")
+    s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides of any stage parameter")
+    s.add_argument("--cluster", default="local", metavar="local|threads|ADDRESS",
+                   help="'local' (worker processes, default), 'threads', or tcp://HOST:PORT")
+    s.add_argument("--workers", type=int, help="workers of a local cluster (default: one per core)")
+    s.add_argument("--inference", default="local", metavar="local", help="where CNN models run (default: in-process)")
+    s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input")
+    s.add_argument("--axes", metavar="ORDER", help="input axis order (default tyx)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("evaluate", help="score a result against ground truth")
+    s.add_argument("result", metavar="RESULT_URL", help="result zarr")
+    s.add_argument("ground_truth", metavar="GROUND_TRUTH_URL",
+                   help="result zarr, Neurofinder regions.json, or .npz with masks")
+    s.add_argument("--iou", type=float, default=0.5, help="IoU threshold of the main convention (default 0.5)")
+    s.add_argument("--no-offset", action="store_true", help="do not search for a global offset")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``somaflow`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SomaflowError as exc:
+        if args.debug:
+            raise
+        print(f"somaflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("somaflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"somaflow: internal error: {type(exc).__name__}: {exc} "
+              "(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Convert any supported input into the movie schema (``somaflow ingest``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from somaflow.errors import InputError, ResultExistsError, StoreError
+from somaflow.io import stores
+from somaflow.io.chunks import plan_frame_chunks
+from somaflow.io.readers import check_finite_sample, detect_format, open_input
+from somaflow.io.schema import make_movie_dataset, open_movie, write_movie
+
+log = logging.getLogger(__name__)
+
+#: default per-chunk memory budget of ingest (bytes)
+DEFAULT_MEMORY_BUDGET = 256 << 20
+
+
+def load_movie(
+    url: str,
+    *,
+    fps: float | None = None,
+    modality: str | None = None,
+    dataset: str | None = None,
+    axes: str = "tyx",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    storage_options: dict[str, Any] | None = None,
+    with_checksum: bool = True,
+) -> xr.DataArray:
+    """Open any supported input lazily as a checked (frame, y, x) movie.
+
+    ``fps`` and ``modality`` given here win over what the file records. The
+    returned array carries attrs ``fps``, ``modality``, ``source`` and
+    ``source_checksum`` and is rechunked to frame-contiguous chunks planned from
+    ``memory_budget``.
+
+    Raises
+    ------
+    InputError
+        Unsupported or malformed input, unknown frame rate, non-finite or
+        constant samples.
+    StoreError
+        ``url`` does not exist or cannot be read.
+    """
+    url = stores.normalize_url(url)
+    if not stores.exists(url, storage_options):
+        raise StoreError(f"{url} does not exist. Check the path or URL.")
+    if detect_format(url) == "zarr":
+        try:
+            movie = open_movie(url, storage_options=storage_options)
+        except InputError:
+            movie = open_input(url, dataset=dataset, axes=axes, storage_options=storage_options)
+    else:
+        movie = open_input(
+            url, dataset=dataset, axes=axes, memory_budget=memory_budget, storage_options=storage_options
+        )
+    attrs = dict(movie.attrs)
+    fps = fps if fps is not None else attrs.get("fps")
+    if fps is None:
+        raise InputError(f"{url} does not record a frame rate. Pass --fps (in Hz).")
+    modality = modality or attrs.get("modality") or "2p"
+    if movie.sizes["frame"] < 2:
+        raise InputError(f"{url} holds {movie.sizes['frame']} frame(s); a movie needs at least 2.")
+    check_finite_sample(movie)
+    frames = plan_frame_chunks(tuple(movie.shape), movie.dtype.itemsize, memory_budget)
+    movie = movie.chunk({"frame": frames, "y": -1, "x": -1})
+    checksum = attrs.get("source_checksum") or (
+        stores.checksum(url, storage_options) if with_checksum else ""
+    )
+    movie.attrs = {
+        "fps": float(fps),
+        "modality": modality,
+        "source": attrs.get("source", url),
+        "source_checksum": checksum,
+    }
+    return movie
+
+
+def _check_block(block: np.ndarray) -> np.ndarray:
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        raise InputError(
+            "the movie contains NaN or infinite values. Fix or drop the bad frames before ingesting."
+        )
+    return block
+
+
+def checked(movie: xr.DataArray) -> xr.DataArray:
+    """Return ``movie`` with a lazy per-chunk finiteness check folded into its graph."""
+    if movie.dtype.kind != "f":
+        return movie
+    data = da.map_blocks(_check_block, movie.data, dtype=movie.dtype)
+    return movie.copy(data=data)
+
+
+def ingest(
+    url: str,
+    out_url: str,
+    *,
+    fps: float | None = None,
+    modality: str | None = None,
+    dataset: str | None = None,
+    axes: str = "tyx",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Convert ``url`` into a movie-schema zarr at ``out_url``.
+
+    The input is never modified. The output appears only when it is complete
+    (written under a temporary name, then moved); NaNs anywhere abort the write
+    and leave nothing behind.
+
+    Returns
+    -------
+    str
+        The normalized output URL.
+    """
+    out_url = stores.normalize_url(out_url)
+    if stores.normalize_url(url) == out_url:
+        raise InputError("the output would overwrite the input. Choose a different --out.")
+    if stores.exists(out_url, storage_options) and not overwrite:
+        raise ResultExistsError(
+            f"{out_url} already exists. Pass --overwrite to replace it, or choose another output."
+        )
+    movie = load_movie(
+        url, fps=fps, modality=modality, dataset=dataset, axes=axes,
+        memory_budget=memory_budget, storage_options=storage_options,
+    )
+    a = movie.attrs
+    ds = make_movie_dataset(
+        checked(movie), fps=a["fps"], modality=a["modality"], source=a["source"],
+        source_checksum=a["source_checksum"],
+    )
+    log.info("ingesting %s -> %s (%s frames of %sx%s)", url, out_url, *movie.shape)
+    return write_movie(ds, out_url, overwrite=overwrite, storage_options=storage_options)

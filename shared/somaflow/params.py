@@ -1,0 +1,114 @@
+"""Run-level parameters: one frozen model per stage, grouped for ``somaflow run``.
+
+Defaults derive from the movie's frame rate, modality and neuron radius
+(``RunParams.for_movie``); a YAML file (``--params``) overrides any field::
+
+    detect:
+      min_area_fraction: 0.3
+    traces:
+      neuropil_coefficient: 0.6
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from somaflow.detect.local_maxima import LocalMaximaParams
+from somaflow.errors import InputError, ParameterError
+from somaflow.io import stores
+from somaflow.preprocess.summary import SummaryParams
+from somaflow.traces import TraceParams
+
+#: default neuron radius in pixels by modality, when the user gives none
+DEFAULT_NEURON_RADIUS = {"2p": 5.0, "1p": 6.0}
+
+
+class IngestParams(BaseModel):
+    """How inputs are read and chunked."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_budget: int = Field(256 << 20, gt=0, description="bytes per frame chunk in flight")
+    dataset: str | None = Field(None, description="HDF5/zarr array path inside the input")
+    axes: str = Field("tyx", description="axis order of the input, e.g. tyx or yxt")
+
+
+class RunParams(BaseModel):
+    """Every parameter of one ``somaflow run``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fps: float = Field(gt=0, description="frame rate of the input movie (Hz)")
+    modality: str = Field(pattern="^(2p|1p)$")
+    neuron_radius: float = Field(gt=0, description="typical soma radius (pixels)")
+    ingest: IngestParams = IngestParams()
+    summary: SummaryParams
+    detect: LocalMaximaParams
+    traces: TraceParams
+
+    @classmethod
+    def for_movie(
+        cls,
+        fps: float,
+        modality: str,
+        neuron_radius: float | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> RunParams:
+        """Defaults derived from the movie, then ``overrides`` (nested dict) applied.
+
+        Raises
+        ------
+        ParameterError
+            Unknown keys or invalid values in ``overrides``.
+        """
+        r = float(neuron_radius or DEFAULT_NEURON_RADIUS.get(modality, 5.0))
+        base: dict[str, Any] = {
+            "fps": fps,
+            "modality": modality,
+            "neuron_radius": r,
+            "ingest": IngestParams().model_dump(),
+            "summary": SummaryParams.for_movie(fps, modality, r).model_dump(),
+            "detect": LocalMaximaParams.for_movie(fps, modality, r).model_dump(),
+            "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
+        }
+        merged = _merge(base, overrides or {})
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ParameterError(f"bad parameter {where}: {first['msg']}. Fix it in the --params file.") from exc
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_params_file(url: str) -> dict[str, Any]:
+    """Read a YAML parameter file into a nested dict.
+
+    Raises
+    ------
+    InputError
+        The file is not YAML or its top level is not a mapping.
+    """
+    fs, path = stores.filesystem(url)
+    if not fs.exists(path):
+        raise InputError(f"parameter file {url} does not exist.")
+    with fs.open(path, "r") as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"parameter file {url} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"parameter file {url} must hold a mapping of stage -> parameters.")
+    return data
