@@ -72,6 +72,11 @@ def dask_client(cluster: str = "local", workers: int | None = None,
     from distributed import Client, LocalCluster
 
     n = workers or default_workers()
+    if not log.isEnabledFor(logging.DEBUG):
+        # Prefect's logging config lets distributed's INFO chatter through to the console
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                     "distributed.http.proxy", "distributed.worker"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if cluster == "local" or cluster == "threads":
         processes = cluster == "local"
         kw = {"memory_limit": memory_limit} if memory_limit else {}

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -210,8 +211,7 @@ def atomic_output(
     try:
         yield tmp_url
     except BaseException:
-        with contextlib.suppress(Exception):
-            remove(tmp_url, storage_options)
+        _remove_settled(tmp_url, storage_options)
         raise
     _, tmp = filesystem(tmp_url, storage_options)
     _, old = filesystem(old_url, storage_options)
@@ -224,6 +224,27 @@ def atomic_output(
         fs.rm(old, recursive=True)
     fs.invalidate_cache()
     log.debug("moved %s into place at %s", tmp_url, url)
+
+
+def _remove_settled(url: str, storage_options: dict[str, Any] | None, tries: int = 6) -> None:
+    """Remove a failed temporary output, again if tasks still in flight recreate parts of it.
+
+    When one chunk of a parallel write fails, the scheduler stops submitting
+    work but chunks already running finish and write their bytes; removing once
+    could race them.
+    """
+    fs, path = filesystem(url, storage_options)
+    for attempt in range(tries):
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache()
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        time.sleep(0.1 * (attempt + 1))
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache()
+            if not fs.exists(path):
+                return
+    log.warning("could not remove the temporary output %s; delete it by hand", url)
 
 
 def _move(fs: Any, src: str, dst: str) -> None:
