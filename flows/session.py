@@ -8,7 +8,9 @@ Layout of a run, for ``--out RESULT``:
 
 * ``RESULT`` — the result zarr (CONTRACT.md), moved into place when complete;
 * ``RESULT.work/movie.zarr`` — the ingested movie (skipped when the input is
-  already a movie zarr), reused by a rerun over the same source.
+  already a movie zarr), reused by a rerun over the same source;
+* ``RESULT.work/corrected.zarr`` — the motion-corrected movie (a movie zarr) and
+  ``RESULT.work/motion.zarr`` — its shifts and template.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import dask
+import numpy as np
 import xarray as xr
 from prefect import flow, get_run_logger, task
 
@@ -24,6 +28,8 @@ from somaflow.detect.local_maxima import detect_local_maxima
 from somaflow.io import schema, stores
 from somaflow.io.ingest import ingest, load_movie
 from somaflow.params import RunParams
+from somaflow.preprocess.motion import apply_shifts, compute_template, estimate_shifts
+from somaflow.preprocess.pipeline import detection_movie, trace_movie
 from somaflow.preprocess.summary import summary_images
 from somaflow.traces import extract_traces
 
@@ -54,10 +60,42 @@ def ingest_stage(input_url: str, out_url: str, fps: float, modality: str, p: Run
     return movie_url
 
 
+@task(name="motion-correction")
+def motion_stage(movie_url: str, out_url: str, p: RunParams) -> tuple[str, xr.Dataset]:
+    """Estimate shifts, write the corrected movie; returns its URL and the shifts."""
+    mp = p.preprocess.motion
+    movie = schema.open_movie(movie_url)
+    if mp.mode == "none":
+        zeros = np.zeros((movie.sizes["frame"], 2), np.float32)
+        return movie_url, xr.Dataset({"shifts": (("frame", "axis"), zeros)})
+    template = compute_template(movie, mp)
+    shifts = estimate_shifts(movie, template, mp).compute()
+    shifts["template"] = template.drop_vars(list(template.coords))
+    corrected = apply_shifts(movie, shifts, mp)
+    if movie.dtype.kind in "iu":  # keep the input's integer type: half the bytes of float32
+        info = np.iinfo(movie.dtype)
+        corrected = corrected.round().clip(info.min, info.max).astype(movie.dtype)
+    corrected_url = stores.join(work_url(out_url), "corrected.zarr")
+    a = movie.attrs
+    ds = schema.make_movie_dataset(corrected.chunk({"frame": movie.chunks[0]}), fps=a["fps"],
+                                   modality=a["modality"], source=a["source"],
+                                   source_checksum=a["source_checksum"],
+                                   extra_attrs={"motion_mode": mp.mode})
+    schema.write_movie(ds, corrected_url, overwrite=True)
+    schema.write_dataset(shifts, stores.join(work_url(out_url), "motion.zarr"), overwrite=True)
+    return corrected_url, shifts
+
+
 @task(name="summary-images")
-def summary_stage(movie_url: str, p: RunParams) -> xr.Dataset:
-    """Mean, max, std, correlation and PNR images in one streaming pass."""
-    return summary_images(schema.open_movie(movie_url), p.summary).compute()
+def summary_stage(corrected_url: str, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
+    """Summary images of the detection movie, and mean/max of the corrected movie,
+    in one pass over the corrected movie."""
+    corrected = schema.open_movie(corrected_url)
+    det = summary_images(detection_movie(corrected, p.preprocess), p.summary)
+    plain = xr.Dataset({"mean_image": corrected.mean("frame", dtype=np.float64).astype(np.float32),
+                        "max_image": corrected.max("frame").astype(np.float32)})
+    det, plain = dask.compute(det, plain)
+    return det, plain
 
 
 @task(name="detect")
@@ -67,21 +105,27 @@ def detect_stage(images: xr.Dataset, p: RunParams) -> xr.Dataset:
 
 
 @task(name="traces")
-def traces_stage(movie_url: str, units: xr.Dataset, p: RunParams) -> xr.Dataset:
+def traces_stage(corrected_url: str, units: xr.Dataset, p: RunParams) -> xr.Dataset:
     """Fluorescence traces, ΔF/F and spikes of every unit."""
-    return extract_traces(schema.open_movie(movie_url), units["masks"], p.traces).compute()
+    movie = trace_movie(schema.open_movie(corrected_url), p.preprocess)
+    return extract_traces(movie, units["masks"], p.traces).compute()
 
 
 @task(name="write-result")
 def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Dataset,
-                traces: xr.Dataset, p: RunParams, timings: dict[str, float], overwrite: bool) -> str:
+                traces: xr.Dataset, motion: xr.Dataset, p: RunParams, timings: dict[str, float],
+                overwrite: bool) -> str:
     """Assemble and write the result zarr atomically; ``complete`` last."""
     attrs = schema.read_attrs(movie_url)
+    extra = {"timings": timings, "method": "local-maxima", "motion_mode": p.preprocess.motion.mode}
     ds = assemble_result(
         images, units, traces, n_frames=traces.sizes["frame"], params=p.model_dump(),
         source=attrs["source"], source_checksum=attrs["source_checksum"],
-        fps=p.fps, modality=p.modality, extra_attrs={"timings": timings, "method": "local-maxima"},
+        fps=p.fps, modality=p.modality, shifts=np.asarray(motion["shifts"].values, np.float32),
+        extra_attrs=extra,
     )
+    if "patch_shifts" in motion:
+        ds["patch_shifts"] = motion["patch_shifts"].drop_vars(["axis", "frame"], errors="ignore").astype(np.float32)
     return schema.write_result(ds, out_url, overwrite=overwrite)
 
 
@@ -97,10 +141,13 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         return out
 
     movie_url = timed("ingest", ingest_stage, input_url, out_url, params.fps, params.modality, params)
-    images = timed("summary", summary_stage, movie_url, params)
-    units = timed("detect", detect_stage, images, params)
-    traces = timed("traces", traces_stage, movie_url, units, params)
-    url = timed("write", write_stage, out_url, movie_url, images, units, traces, params, timings, overwrite)
+    corrected_url, motion = timed("motion", motion_stage, movie_url, out_url, params)
+    det_images, plain_images = timed("summary", summary_stage, corrected_url, params)
+    units = timed("detect", detect_stage, det_images, params)
+    traces = timed("traces", traces_stage, corrected_url, units, params)
+    images = det_images.assign(mean_image=plain_images["mean_image"], max_image=plain_images["max_image"])
+    url = timed("write", write_stage, out_url, movie_url, images, units, traces, motion, params,
+                timings, overwrite)
     n_frames = int(traces.sizes["frame"])
     return {
         "result": url,
@@ -112,8 +159,8 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
 
 
 def resolve_movie_info(input_url: str, fps: float | None, modality: str | None,
-                       dataset: str | None, axes: str) -> tuple[float, str]:
-    """Frame rate and modality of an input, checked before the flow starts."""
+                       dataset: str | None, axes: str) -> tuple[float, str, tuple[int, int, int]]:
+    """Frame rate, modality and shape of an input, checked before the flow starts."""
     movie = load_movie(input_url, fps=fps, modality=modality, dataset=dataset, axes=axes,
                        with_checksum=False)
-    return float(movie.attrs["fps"]), str(movie.attrs["modality"])
+    return float(movie.attrs["fps"]), str(movie.attrs["modality"]), tuple(movie.shape)

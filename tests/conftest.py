@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -10,8 +11,6 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-
-import logging
 
 import pytest
 

@@ -47,16 +47,26 @@ def test_evaluate_gt_against_itself(sim_dir):
 def test_run_and_evaluate_local(sim_dir, tmp_path, prefect_api):
     meta = _meta(sim_dir)
     out = tmp_path / "result.zarr"
+    params = tmp_path / "params.yaml"
+    params.write_text("preprocess:\n  motion:\n    mode: rigid\n    max_shift: 8\n")
     proc = run_cli("run", str(sim_dir / "movie.tif"), "--out", str(out), "--fps", str(meta["fps"]),
                    "--neuron-radius", str(meta["neuron_radius"]), "--workers", "2", "--json",
-                   env=prefect_api)
+                   "--params", str(params), env=prefect_api)
     summary = json.loads(proc.stdout)
     assert summary["result"] == str(out)
     ds = schema.open_result(str(out))
     schema.validate_result(ds)
     assert ds.attrs["complete"] is True
     assert ds.sizes["frame"] == meta["shape"][0]
-    assert json.loads(ds.attrs["params"])["fps"] == meta["fps"]
+    used = json.loads(ds.attrs["params"])
+    assert used["fps"] == meta["fps"]
+    assert used["preprocess"]["motion"]["mode"] == "rigid" and used["preprocess"]["motion"]["max_shift"] == 8
+    # motion correction ran and recovered the simulated motion (up to a constant offset)
+    gt = schema.open_result(str(sim_dir / "ground_truth.zarr"))
+    est, true = ds["shifts"].values, gt["shifts"].values
+    assert np.abs(true).max() > 0.5
+    err = (est - est.mean(0)) - (true - true.mean(0))
+    assert np.sqrt((err ** 2).mean()) < 0.3
     m = json.loads(run_cli("evaluate", str(out), str(sim_dir / "ground_truth.zarr"), "--json").stdout)
     assert np.isfinite(m["f1"]) and 0.0 <= m["f1"] <= 1.0
     assert m["n_pred"] == int(ds["accepted"].sum())
@@ -124,6 +134,15 @@ def test_ingest_bad_input(tmp_path, kind):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_bad_params_file(tmp_path, sim_dir):
+    params = tmp_path / "p.yaml"
+    params.write_text("preprocess:\n  motion:\n    mode: sideways\n")
+    proc = run_cli("run", str(sim_dir / "movie.tif"), "--out", str(tmp_path / "r.zarr"), "--fps", "10",
+                   "--params", str(params), check=False)
+    assert proc.returncode == 2 and "preprocess.motion.mode" in proc.stderr
+    assert not (tmp_path / "r.zarr").exists()
 
 
 @pytest.mark.parametrize("kind", ["2d", "missing"])

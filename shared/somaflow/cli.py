@@ -64,7 +64,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from somaflow.runtime import configure_prefect_env
 
-    configure_prefect_env()
+    configure_prefect_env(debug=args.debug)
     from somaflow.errors import ResultExistsError
     from somaflow.io import stores
     from somaflow.params import RunParams, load_params_file
@@ -87,8 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from somaflow_flows.session import resolve_movie_info, session_flow
 
-    fps, modality = resolve_movie_info(args.input, args.fps, args.modality, dataset, axes)
-    params = RunParams.for_movie(fps, modality, args.neuron_radius, overrides)
+    fps, modality, shape = resolve_movie_info(args.input, args.fps, args.modality, dataset, axes)
+    params = RunParams.for_movie(fps, modality, args.neuron_radius, overrides, shape=shape)
     t0 = time.perf_counter()
     with dask_client(args.cluster, args.workers) as client:
         if not args.json:

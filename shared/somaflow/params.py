@@ -3,6 +3,8 @@
 Defaults derive from the movie's frame rate, modality and neuron radius
 (``RunParams.for_movie``); a YAML file (``--params``) overrides any field::
 
+    preprocess:
+      motion: {mode: rigid, max_shift: 15}
     detect:
       min_area_fraction: 0.3
     traces:
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from somaflow.detect.local_maxima import LocalMaximaParams
 from somaflow.errors import InputError, ParameterError
 from somaflow.io import stores
+from somaflow.preprocess.pipeline import PreprocessParams
 from somaflow.preprocess.summary import SummaryParams
 from somaflow.traces import TraceParams
 
@@ -45,6 +48,7 @@ class RunParams(BaseModel):
     modality: str = Field(pattern="^(2p|1p)$")
     neuron_radius: float = Field(gt=0, description="typical soma radius (pixels)")
     ingest: IngestParams = IngestParams()
+    preprocess: PreprocessParams
     summary: SummaryParams
     detect: LocalMaximaParams
     traces: TraceParams
@@ -56,8 +60,11 @@ class RunParams(BaseModel):
         modality: str,
         neuron_radius: float | None = None,
         overrides: dict[str, Any] | None = None,
+        shape: tuple[int, int, int] = (1000, 512, 512),
     ) -> RunParams:
         """Defaults derived from the movie, then ``overrides`` (nested dict) applied.
+
+        ``shape`` (frame, y, x) sizes the motion-correction patches.
 
         Raises
         ------
@@ -70,6 +77,7 @@ class RunParams(BaseModel):
             "modality": modality,
             "neuron_radius": r,
             "ingest": IngestParams().model_dump(),
+            "preprocess": PreprocessParams.for_movie(fps, modality, r, shape).model_dump(),
             "summary": SummaryParams.for_movie(fps, modality, r).model_dump(),
             "detect": LocalMaximaParams.for_movie(fps, modality, r).model_dump(),
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),

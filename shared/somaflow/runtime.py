@@ -22,18 +22,20 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_UI_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_LOGGING_TO_API_ENABLED": "false",
 }
 
 
-def configure_prefect_env() -> None:
+def configure_prefect_env(debug: bool = False) -> None:
     """Set Prefect defaults in ``os.environ`` unless the user set them already.
 
     Must run before ``prefect`` is imported. ``PREFECT_HOME`` defaults to
     ``~/.somaflow/prefect`` so the SQLite database of the ephemeral server is
-    reused between runs (its first start takes ~25 s on 2 cores).
+    reused between runs (its first start takes ~25 s on 2 cores). Without
+    ``debug`` Prefect's console logs are limited to CRITICAL: a failing task
+    must not print a traceback — the CLI prints the one-line error.
     """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if debug else "CRITICAL")
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if "PREFECT_HOME" not in os.environ:

@@ -125,8 +125,24 @@ def write_movie(
     str
         The normalized URL written.
     """
+    return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options)
+
+
+def write_dataset(
+    ds: xr.Dataset,
+    url: str,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write any dataset to a zarr v3 store atomically and mark it ``complete``.
+
+    Used for movies, results and a run's intermediates. String coordinates
+    (no stable zarr v3 dtype) are dropped; encodings are reset so the dask
+    chunks become the zarr chunks.
+    """
     url = stores.normalize_url(url)
-    ds = ds.copy()
+    ds = ds.drop_vars([c for c in ds.coords if ds[c].dtype.kind in "UO"])
     ds.attrs.pop("complete", None)
     for v in ds.variables.values():
         v.encoding = {}
@@ -241,20 +257,9 @@ def write_result(
         ``url`` exists and ``overwrite`` is False; nothing is written.
     """
     validate_result(ds)
-    url = stores.normalize_url(url)
-    ds = ds.copy()
-    ds.attrs.pop("complete", None)
-    for v in ds.variables.values():
-        v.encoding = {}
     if "unit" in ds.dims and ds.sizes["unit"] > 0:
         ds = ds.chunk({"unit": min(ds.sizes["unit"], 256)})
-    with stores.atomic_output(url, overwrite=overwrite, storage_options=storage_options) as tmp:
-        try:
-            ds.to_zarr(tmp, mode="w", **_zarr_kwargs(tmp, storage_options))
-        except (OSError, PermissionError) as exc:
-            raise StoreError(f"cannot write {url!r}: {exc}") from exc
-    mark_complete(url, storage_options=storage_options)
-    return url
+    return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options)
 
 
 def open_result(

@@ -1,0 +1,88 @@
+"""Accuracy of ``somaflow run`` on the simulator: F1 per preset over several seeds.
+
+Each (preset, seed) is simulated, run through the same session flow as
+``somaflow run`` (one local Dask cluster, Prefect's ephemeral mode), and scored
+with the evaluator. Prints one row per movie and the mean per preset.
+
+    .venv/bin/python benchmarks/bench_accuracy.py
+    .venv/bin/python benchmarks/bench_accuracy.py --presets 2p-small 1p-small --seeds 100 101 102
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import machine  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["2p-small", "2p-dense", "2p-lowsnr", "2p-nonrigid", "1p-small"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[100, 101, 102],
+                    help="seeds (default 100-102: not the seeds the tests and tuning use)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--params", default=None, help="YAML overrides, as somaflow run --params")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from somaflow.runtime import configure_prefect_env
+
+    configure_prefect_env()
+    from somaflow_flows.session import session_flow
+
+    from somaflow.evaluate import evaluate
+    from somaflow.params import RunParams, load_params_file
+    from somaflow.runtime import dask_client
+    from somaflow.simulate import simulate, write_simulation
+
+    overrides = load_params_file(args.params) if args.params else {}
+    workdir = args.workdir or tempfile.mkdtemp(prefix="somaflow-acc-")
+    rows = []
+    print(f"machine: {machine()}", file=sys.stderr)
+    with dask_client("local", args.workers):
+        for preset in args.presets:
+            for seed in args.seeds:
+                sim_dir = os.path.join(workdir, f"{preset}-{seed}")
+                sim = simulate(preset, seed=seed)
+                if not os.path.exists(os.path.join(sim_dir, "meta.json")):
+                    write_simulation(sim, sim_dir, overwrite=True)
+                m = sim.meta
+                p = RunParams.for_movie(m["fps"], m["modality"], m["neuron_radius"], overrides,
+                                        shape=tuple(m["shape"]))
+                out = os.path.join(sim_dir, "result.zarr")
+                t0 = time.perf_counter()
+                summary = session_flow(os.path.join(sim_dir, "movie.tif"), out, p, overwrite=True)
+                seconds = time.perf_counter() - t0
+                ev = evaluate(out, os.path.join(sim_dir, "ground_truth.zarr"))
+                row = {"preset": preset, "seed": seed, "f1": ev["f1"], "precision": ev["precision"],
+                       "recall": ev["recall"], "caiman_f1": ev["caiman"]["f1"],
+                       "trace_corr": ev["trace_correlation"]["median"], "n_pred": ev["n_pred"],
+                       "n_true": ev["n_true"], "seconds": round(seconds, 1),
+                       "fps": round(m["shape"][0] / seconds, 1), "timings": summary["timings"]}
+                rows.append(row)
+                if not args.json:
+                    tc = row["trace_corr"]
+                    print(f"{preset:12s} seed {seed:4d}  F1 {row['f1']:.3f}  P {row['precision']:.3f}  "
+                          f"R {row['recall']:.3f}  CaImAn F1 {row['caiman_f1']:.3f}  trace r "
+                          f"{tc if tc is None else round(tc, 3)}  {row['n_pred']}/{row['n_true']} units  "
+                          f"{row['seconds']} s ({row['fps']} frames/s)", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print("mean F1 per preset:")
+    for preset in args.presets:
+        f1s = [r["f1"] for r in rows if r["preset"] == preset]
+        print(f"  {preset:12s} {statistics.mean(f1s):.3f}  (n={len(f1s)})")
+
+
+if __name__ == "__main__":
+    main()
