@@ -51,12 +51,13 @@ class PreprocessParams(BaseModel):
     @classmethod
     def for_movie(cls, fps: float, modality: str, neuron_radius: float,
                   shape: tuple[int, ...]) -> PreprocessParams:
-        """Defaults: 2p — piecewise motion correction, binning to 6 Hz; 1p — high-passed
-        motion matching, morphological background removal and Perona–Malik denoising,
-        traces from the background-removed movie."""
+        """Defaults: rigid motion correction (``motion.mode: piecewise`` for
+        non-rigid data — about 3x slower); 2p — binning to 6 Hz for detection;
+        1p — high-passed motion matching, morphological background removal and
+        Perona–Malik denoising, traces from the background-removed movie."""
         one_p = modality == "1p"
         return cls(
-            motion=MotionParams.for_movie(fps, modality, neuron_radius, shape),
+            motion=MotionParams.for_movie(fps, modality, neuron_radius, shape, mode="rigid"),
             binning=BinParams.for_movie(fps, modality, neuron_radius),
             background="morphological" if one_p else "none",
             homomorphic=HomomorphicParams.for_movie(fps, modality, neuron_radius),
