@@ -202,7 +202,7 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
     raw_u = raw.rechunk((unit_rows, -1))
     window = _window_frames(params.baseline_window_s * fps, n_frames)
     dff = da.map_blocks(
-        _dff_block, corrected_u, raw_u, window=window,
+        dff_rows, corrected_u, raw_u, window=window,
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
         min_fraction=params.min_baseline_fraction, dtype=np.float64,
     )
@@ -458,10 +458,15 @@ def _noise_sd(x: np.ndarray) -> np.ndarray:
     return _MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, axis=-1, keepdims=True)), axis=-1) / math.sqrt(2.0)
 
 
-def _dff_block(
+def dff_rows(
     f: np.ndarray, raw: np.ndarray, *, window: int, percentile: float, samples: int, min_fraction: float
 ) -> np.ndarray:
-    """ΔF/F of a (unit, frame) block with whole traces."""
+    """ΔF/F of (n, frame) rows holding whole traces, against a running-percentile baseline.
+
+    The baseline F0 is floored at ``min_fraction`` × the median of ``raw`` (the
+    rows before any neuropil subtraction; pass ``f`` itself when there is none)
+    and at the rows' noise SD, so flat, zero or negative rows stay finite.
+    """
     f0 = running_percentile(f, window, percentile, samples)
     floor = np.maximum(min_fraction * np.median(raw, axis=-1), _noise_sd(f))
     floor = np.maximum(floor, np.finfo(np.float32).tiny)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import dask.array as da
 import numpy as np
@@ -19,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from somaflow.errors import InputError, ParameterError
 from somaflow.io.chunks import SAFETY_FACTOR, plan_pixel_chunks
 from somaflow.preprocess.filters import whole_frames
-from somaflow.traces import running_percentile
+from somaflow.traces import dff_rows
 
 log = logging.getLogger(__name__)
 
 #: MAD → σ of a normal distribution
-_MAD_TO_SIGMA = 1.4826
 
 
 def _check_for_movie(fps: float, modality: str) -> float:
@@ -328,17 +326,5 @@ def _dff_block(
     f = np.moveaxis(np.asarray(block, dtype=np.float64), axis, -1)
     shape = f.shape
     f = f.reshape(-1, shape[-1])
-    f0 = running_percentile(f, window, percentile, samples)
-    floor = np.maximum(min_fraction * np.median(f, axis=-1), _noise_sd(f))
-    floor = np.maximum(floor, np.finfo(np.float32).tiny)
-    out = (f - f0) / np.maximum(f0, floor[:, None])
+    out = dff_rows(f, f, window=window, percentile=percentile, samples=samples, min_fraction=min_fraction)
     return np.moveaxis(out.reshape(shape), -1, axis).astype(np.float32)
-
-
-def _noise_sd(x: np.ndarray) -> np.ndarray:
-    """(n,) white-noise SD of each row from the MAD of its first difference."""
-    if x.shape[-1] < 2:
-        return np.zeros(x.shape[:-1])
-    d = np.diff(x, axis=-1)
-    mad = np.median(np.abs(d - np.median(d, axis=-1, keepdims=True)), axis=-1)
-    return _MAD_TO_SIGMA * mad / math.sqrt(2.0)
