@@ -19,38 +19,56 @@ the true motion as the simulator records it (:data:`somaflow.simulate.SHIFT_CONV
 Registering a frame samples it at ``(y + dy, x + dx)``, i.e. applies ``-shift``:
 ``scipy.ndimage.shift(frame, -shifts[t])`` for rigid motion. Per-patch shifts
 follow the same convention at each patch centre; between centres the
-displacement field is a cubic spline through them.
+displacement field is the spline through them (:func:`shifts_at`).
 
 Method
 ------
-Matching is phase correlation with a band-pass (Suite2p/NoRMCorre practice):
-for a frame spectrum ``F`` and template spectrum ``T`` the cross-power
-``F·conj(T)`` is whitened to unit magnitude, multiplied by the band-pass
-``W(f) = exp(-2π²σs²|f|²) · (1 - exp(-2π²σh²|f|²))`` and transformed back; the
-peak of that correlation surface within ``max_shift`` gives the integer shift,
-and an upsampled DFT around it (Guizar-Sicairos et al. 2008, as in
-:func:`skimage.registration.phase_cross_correlation` with ``upsample_factor``)
-gives the sub-pixel shift in steps of ``1 / upsample_factor`` px. ``σs``
-(``smooth_sigma``) suppresses pixel noise; ``σh`` (``highpass_sigma``) is the
-high-pass: it removes the same frequencies as subtracting a Gaussian blur of
-that σ (CaImAn's ``gSig_filt`` idea), which 1p data needs because its
-out-of-focus background and vignetting would otherwise anchor the match. Since
-the cross-power is whitened, filtering the images first and weighting the
-frequencies afterwards are the same thing, so the filter costs nothing extra.
-Frames (not the template) are tapered to zero at their borders with a cosine
-ramp before the FFT, which suppresses the wrap-around of circular correlation
-without biasing the shift toward zero.
+*Matching.* For a frame spectrum ``F`` and a template spectrum ``T`` the
+cross-power ``F·conj(T)`` is divided by its magnitude to the power
+``whitening`` (1 = phase correlation, 0 = plain cross-correlation), multiplied
+by the band-pass ``W(f) = exp(-2π²σs²|f|²) · (1 - exp(-2π²σh²|f|²))`` and
+transformed back. The maximum of that correlation surface within the search
+radius gives the integer shift; an upsampled DFT around it (Guizar-Sicairos et
+al. 2008, as :func:`skimage.registration.phase_cross_correlation` with
+``upsample_factor``) on a grid of ``1 / upsample_factor`` px, plus a parabola
+through the grid maximum, gives the sub-pixel shift. ``σs`` (``smooth_sigma``)
+suppresses pixel noise; ``σh`` (``highpass_sigma``) removes what subtracting a
+Gaussian blur of that σ removes (CaImAn's ``gSig_filt`` idea), which 1p data
+needs because out-of-focus background and vignetting would otherwise anchor
+the match. Filtering in the frequency domain costs nothing extra: the band-pass
+is a weight on the cross-power.
 
-Piecewise-rigid mode then cuts frame and template into overlapping square
-patches. Each frame patch is read at its template position moved by the
-frame's rounded rigid shift, so only the deviation from the rigid shift is
-searched (at most ``max_deviation`` px). A patch falls back to the rigid shift
-when the template has little texture there (band-passed energy below
-``min_patch_contrast`` × the median patch's) or when its correlation peak is
-below ``min_patch_correlation`` × the whole-frame peak. The per-patch shifts are
-interpolated to every pixel with separable cubic splines through the patch
-centres (constant beyond the outermost centres) and applied with
-:func:`scipy.ndimage.map_coordinates`.
+*Borders.* Circular correlation sees a jump where an image's opposite borders
+differ; that jump does not move with the image and pulls the shift toward 0.
+So frame and template are both tapered to 0 at their borders by a
+raised-cosine ramp (``max_shift`` wide, between 1/8 and 1/4 of the side). A
+taper fixed in the frame would itself bias the shift (toward 0 when both
+images carry it, toward the texture under the ramp when only one does), so the
+frame's taper follows the content: a first pass finds the shift with the taper
+in place, a second pass repeats the match with the frame's taper moved by that
+shift, where the two windowed images are the same content and their
+correlation is symmetric about the true shift.
+
+*Piecewise-rigid* (NoRMCorre-style). The frame is cut into overlapping
+patches of ``patch_size`` px spaced about ``patch_size - patch_overlap`` apart
+(the last ending at the frame's edge). Starting from the rigid shift, the frame
+is warped with the current displacement field (bilinear, on the estimation
+grid), each patch's residual shift against the same template patch (both
+tapered in place, whitening ``patch_whitening``) is measured and added to the
+field at its centre; three such rounds. Rounds matter: a patch measures the
+displacement averaged over the patch, weighted by its texture, not the value
+at its centre, and measuring the residual of an already registered patch
+removes most of that error (and the taper's bias, which vanishes with the
+residual). Patch deviations from the rigid shift are clipped to
+``max_deviation``. A patch takes the rigid shift when the template
+has little texture there (band-passed energy below ``min_patch_contrast`` ×
+the median patch's) or when its correlation peak is below
+``min_patch_correlation`` × the whole-frame peak. The field between patch
+centres is a separable cubic B-spline through the centre values (quadratic /
+linear for 3 / 2 patches per axis), as ``scipy.ndimage.zoom`` upsamples a grid,
+with ``mode="nearest"`` beyond the outermost centres; it is applied with
+:func:`scipy.ndimage.map_coordinates`. In this mode ``shifts`` is the spatial
+mean of that field.
 
 Estimation can run on a ``downsample`` × ``downsample`` binned copy (faster,
 slightly less precise); shifts are always reported in full-resolution pixels
@@ -71,7 +89,6 @@ import scipy.fft
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
-from scipy.interpolate import make_interp_spline
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.io.chunks import plan_frame_chunks
@@ -91,14 +108,8 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: float32 working memory per inner batch of frames inside a block (bytes)
 _BATCH_BYTES = 48 * 2**20
 
-
-import os
-
-_EXTRAP = False
-_WMODE = os.environ.get("MC_WMODE", "nearest")
-_PTAPER = os.environ.get("MC_PTAPER", "1") == "1"
-_PATCH_ROUNDS = int(os.environ.get("MC_ROUNDS", "3"))
-_PERIODIC = os.environ.get("MC_PERIODIC", "1") == "1"
+#: match-and-warp rounds of the piecewise estimate (see _patch_deviations)
+_PATCH_ROUNDS = 3
 
 _BORDER_MODES = {
     "nearest": ("nearest", 0.0),
@@ -146,12 +157,18 @@ class MotionParams(BaseModel):
         pure phase correlation (every frequency counts the same), 0 plain
         cross-correlation (strong frequencies dominate). The default 0.6 was the
         most accurate on the simulator's 2p and 1p presets.
+    patch_whitening : float
+        The same for the patch matches. Patches hold fewer pixels, so noise
+        matters more: on the 2p presets less whitening (0.3) was more accurate,
+        on 1p (dominated by smooth background) 0.6.
     min_patch_contrast : float
         A patch whose band-passed template energy is below this fraction of the
         median patch's always takes the rigid shift.
     min_patch_correlation : float
         A patch whose correlation peak in a frame is below this fraction of the
-        frame's whole-image peak takes the rigid shift in that frame.
+        frame's whole-image peak takes the rigid shift in that frame (with less
+        whitening, patch peaks normally exceed the frame's; a patch that lost its
+        signal drops to ~0.1 of it).
     downsample : int
         Estimate on ``downsample`` × ``downsample`` binned frames (1 = full resolution).
     interpolation_order : {1, 3}
@@ -165,19 +182,22 @@ class MotionParams(BaseModel):
 
     mode: Literal["none", "rigid", "piecewise"] = Field("rigid", description="registration model")
     max_shift: float = Field(10.0, gt=0, description="largest rigid shift per axis (px)")
-    upsample_factor: int = Field(20, ge=1, le=1000, description="sub-pixel steps per px")
+    upsample_factor: int = Field(10, ge=1, le=1000, description="sub-pixel steps per px")
     template_frames: int = Field(300, ge=1, description="frames that build the template")
     template_iterations: int = Field(3, ge=0, le=20, description="template refinement rounds")
     patch_size: int = Field(64, ge=8, description="patch side (px), piecewise mode")
-    patch_overlap: int = Field(32, ge=0, description="overlap of neighbouring patches (px)")
+    patch_overlap: int = Field(16, ge=0, description="overlap of neighbouring patches (px)")
     max_deviation: float = Field(3.0, gt=0, description="largest patch deviation from rigid (px)")
     highpass_sigma: float = Field(0.0, ge=0, description="high-pass Gaussian sigma (px); 0 = off")
     smooth_sigma: float = Field(1.0, ge=0, description="low-pass Gaussian sigma (px); 0 = off")
     whitening: float = Field(
         0.6, ge=0, le=1, description="cross-power divided by |cross-power|**whitening"
     )
+    patch_whitening: float = Field(
+        0.3, ge=0, le=1, description="whitening exponent of the patch matches"
+    )
     min_patch_contrast: float = Field(0.1, ge=0, le=1, description="patch texture floor")
-    min_patch_correlation: float = Field(0.25, ge=0, le=1, description="patch peak floor")
+    min_patch_correlation: float = Field(0.5, ge=0, le=1, description="patch peak floor")
     downsample: int = Field(1, ge=1, le=8, description="binning factor for estimation")
     interpolation_order: Literal[1, 3] = Field(3, description="spline order when applying")
     border: Literal["nearest", "reflect", "zero", "nan"] = Field(
@@ -189,7 +209,7 @@ class MotionParams(BaseModel):
         if self.patch_overlap >= self.patch_size:
             raise ValueError(
                 f"patch_overlap ({self.patch_overlap}) must be smaller than patch_size "
-                f"({self.patch_size}); e.g. patch_overlap = patch_size // 2."
+                f"({self.patch_size}); e.g. patch_overlap = patch_size // 4."
             )
         if self.mode == "piecewise" and self.patch_size < 4 * self.max_deviation:
             raise ValueError(
@@ -231,9 +251,14 @@ class MotionParams(BaseModel):
         Returns
         -------
         MotionParams
-            ``mode="piecewise"``; ``max_shift`` = max(6, 8 % of the smaller side);
+            ``mode="piecewise"`` for 2p, ``"rigid"`` for 1p (as CaImAn's CNMF-E
+            pipeline: after the high-pass, a 1p patch holds little texture and its
+            shift is noisy; piecewise 1p registration is available by override,
+            with ``patch_whitening`` = 0.6 rather than 2p's 0.3); ``max_shift`` = max(6, 8 % of the smaller side);
             ``patch_size`` = max(12 r, smaller side / 4) rounded up to a multiple of 8 and
-            at most the smaller side, ``patch_overlap`` = half of it; ``max_deviation``
+            at most the smaller side, ``patch_overlap`` = a quarter of it (NoRMCorre
+            uses a third; on the simulator a quarter was more accurate than a half,
+            and cheaper); ``max_deviation``
             = max(3, 0.75 r); ``highpass_sigma`` = 2 r for 1p (removes the
             out-of-focus background, as CaImAn's ``gSig_filt``), 0 for 2p; the
             other fields keep their defaults.
@@ -257,13 +282,15 @@ class MotionParams(BaseModel):
         r = float(neuron_radius)
         patch = int(8 * math.ceil(max(12 * r, side / 4) / 8))
         patch = max(min(patch, side), 8)
+        one_photon = modality == "1p"
         values: dict[str, object] = {
-            "mode": "piecewise",
+            "mode": "rigid" if one_photon else "piecewise",
             "max_shift": float(max(6, round(0.08 * side))),
             "patch_size": patch,
-            "patch_overlap": patch // 2,
+            "patch_overlap": patch // 4,
             "max_deviation": round(max(3.0, 0.75 * r), 2),
-            "highpass_sigma": round(2.0 * r, 2) if modality == "1p" else 0.0,
+            "highpass_sigma": round(2.0 * r, 2) if one_photon else 0.0,
+            "patch_whitening": 0.6 if one_photon else 0.3,
         }
         values["max_deviation"] = min(float(values["max_deviation"]), patch / 4)
         values.update(overrides)
@@ -304,27 +331,30 @@ def compute_template(movie: xr.DataArray, p: MotionParams) -> xr.DataArray:
         ``movie`` does not have dims (frame, y, x) or is not real-valued.
     """
     _validate(movie)
-    n_frames, ny, nx = (int(movie.sizes[d]) for d in ("frame", "y", "x"))
+    n_frames = int(movie.sizes["frame"])
     idx = np.unique(np.round(np.linspace(0, n_frames - 1, min(p.template_frames, n_frames))))
     idx = idx.astype(np.int64)
     data = movie.data
     subset = data[idx]
     subset = np.asarray(subset.compute() if isinstance(subset, da.Array) else subset)
-    template = _frame_mean(subset)
+    template = np.mean(subset, axis=0, dtype=np.float64).astype(np.float32)
+    # the subset is in memory; dask still spreads its frame chunks over the workers
+    frames = xr.DataArray(subset, dims=("frame", "y", "x"))
     iterations = p.template_iterations if p.mode != "none" else 0
     for it in range(iterations):
         mode = "piecewise" if (p.mode == "piecewise" and it == iterations - 1) else "rigid"
         p_it = p.model_copy(update={"mode": mode, "border": "nearest"})
-        packed = _estimate_frames(subset, template, p_it)
-        shifts, patch = _unpack(packed, p_it, (ny, nx))
-        new = _registered_mean(subset, shifts, patch, p_it, (ny, nx))
+        tmpl = xr.DataArray(template, dims=("y", "x"))
+        shifts_ds = estimate_shifts(frames, tmpl, p_it).compute()
+        new = apply_shifts(frames, shifts_ds, p_it).mean("frame", dtype=np.float64)
+        new = np.asarray(new.values, dtype=np.float32)
         log.info(
             "template round %d/%d (%s, %d frames): mean |shift| %.2f px, template change %.3g",
             it + 1,
             iterations,
             mode,
             len(idx),
-            float(np.abs(shifts).mean()),
+            float(np.abs(shifts_ds["shifts"].values).mean()),
             float(np.abs(new - template).mean() / (np.abs(template).mean() + 1e-12)),
         )
         template = new
@@ -702,11 +732,11 @@ class _Geometry:
     max_shift: float  # largest rigid shift
     radius: int  # coarse rigid search radius
     ramp: tuple[int, int]  # width of the frame's border taper along y, x
+    patch_ramp: tuple[int, int]  # width of the patches' border taper along y, x
     weight: np.ndarray  # (Yp, Xp//2+1) float32, band-pass on the rfft2 grid
     patch: tuple[int, int]  # patch shape
     starts: tuple[np.ndarray, np.ndarray]  # patch start rows / columns
     centers: tuple[np.ndarray, np.ndarray]  # patch centres, full-resolution px (float32)
-    patch_ramp: tuple[int, int]  # width of the patches' border taper along y, x
     patch_weight: np.ndarray  # (Py, Px//2+1) float32
     interp: tuple[np.ndarray, np.ndarray]  # (Yp, gy), (Xp, gx) spline weights, binned grid
     max_dev: float  # largest patch deviation from rigid
@@ -732,6 +762,7 @@ def _geometry_cached(p: MotionParams, shape: tuple[int, int]) -> _Geometry:
     weight = _bandpass((yp, xp), p.smooth_sigma / k, p.highpass_sigma / k)
 
     py, px = min(p.patch_size // k, yp), min(p.patch_size // k, xp)
+    patch_ramp = (_ramp_width(py, 0), _ramp_width(px, 0))
     stride = max(1, (p.patch_size - p.patch_overlap) // k)
     starts = (_patch_starts(yp, py, stride), _patch_starts(xp, px, stride))
     centers = tuple(
@@ -740,7 +771,6 @@ def _geometry_cached(p: MotionParams, shape: tuple[int, int]) -> _Geometry:
     )
     max_dev = p.max_deviation / k
     dev_radius = int(min(math.ceil(max_dev) + 1, (py - 1) // 2, (px - 1) // 2))
-    patch_ramp = (_ramp_width(py, max_dev + 1), _ramp_width(px, max_dev + 1))
     patch_weight = _bandpass((py, px), p.smooth_sigma / k, p.highpass_sigma / k)
     interp = tuple(
         _spline_matrix(st + (n - 1) / 2.0, np.arange(length, dtype=np.float64))
@@ -753,11 +783,11 @@ def _geometry_cached(p: MotionParams, shape: tuple[int, int]) -> _Geometry:
         max_shift=max_shift,
         radius=radius,
         ramp=ramp,
+        patch_ramp=patch_ramp,
         weight=weight,
         patch=(py, px),
         starts=starts,
         centers=centers,  # type: ignore[arg-type]
-        patch_ramp=patch_ramp,
         patch_weight=patch_weight,
         max_dev=max_dev,
         dev_radius=dev_radius,
@@ -771,8 +801,8 @@ def _patch_starts(length: int, size: int, stride: int) -> np.ndarray:
 
 
 def _ramp_width(n: int, width: float) -> int:
-    """Taper ramp (px): ``width`` but at least 4 and at most a quarter of the axis."""
-    return int(max(1, min(max(4, math.ceil(width)), n // 4)))
+    """Taper ramp (px): ``width`` but at least an eighth and at most a quarter of the axis."""
+    return int(max(1, min(max(math.ceil(width), n // 8), n // 4)))
 
 
 def _taper(n: int, ramp: int, shift: np.ndarray) -> np.ndarray:
@@ -792,6 +822,13 @@ def _taper(n: int, ramp: int, shift: np.ndarray) -> np.ndarray:
         return 0.5 - 0.5 * np.cos(np.pi * np.clip(v / ramp, 0.0, 1.0))
 
     return (rise(u) * rise(n - u)).astype(np.float32)
+
+
+def _taper2d(shape: tuple[int, int], ramp: tuple[int, int]) -> np.ndarray:
+    """The border taper in place (shift 0), (Y, X) float32."""
+    wy = _taper(shape[0], ramp[0], np.zeros(1))[0]
+    wx = _taper(shape[1], ramp[1], np.zeros(1))[0]
+    return np.outer(wy, wx)
 
 
 def _bandpass(shape: tuple[int, int], smooth: float, highpass: float) -> np.ndarray:
@@ -816,16 +853,32 @@ def _multiplicity(nx: int) -> np.ndarray:
 
 
 def _spline_matrix(centers: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Interpolation weights (len(pos), len(centers)) of a spline through ``centers``.
+    """Interpolation weights (len(pos), len(centers)) from patch centres to positions.
 
-    Cubic (quadratic / linear with 3 / 2 centres, constant with 1); positions
-    beyond the outermost centres take the outermost value.
+    The patch-shift grid is upsampled as by ``scipy.ndimage.zoom``: a cubic
+    B-spline (quadratic / linear with 3 / 2 centres, constant with 1) through
+    the values at the centres, extended beyond the outermost centres with
+    ``mode="nearest"`` (the grid is padded with its edge values, so the field
+    levels off within about one patch spacing). Positions map to grid
+    coordinates piecewise linearly between centres and linearly beyond them.
+    Rows sum to 1 (a constant field stays constant).
     """
     g = len(centers)
+    pos = np.asarray(pos, dtype=np.float64)
     if g == 1:
         return np.ones((len(pos), 1), dtype=np.float32)
-    spline = make_interp_spline(centers, np.eye(g), k=min(3, g - 1))
-    return spline(pos if _EXTRAP else np.clip(pos, centers[0], centers[-1])).astype(np.float32)
+    grid = np.arange(g, dtype=np.float64)
+    u = np.interp(pos, centers, grid)
+    lo, hi = pos < centers[0], pos > centers[-1]
+    u[lo] = (pos[lo] - centers[0]) / (centers[1] - centers[0])
+    u[hi] = g - 1 + (pos[hi] - centers[-1]) / (centers[-1] - centers[-2])
+    order = min(3, g - 1)
+    eye = np.eye(g)
+    m = np.stack(
+        [ndimage.map_coordinates(eye[j], u[None], order=order, mode="nearest") for j in range(g)],
+        axis=1,
+    )
+    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- estimation
@@ -847,18 +900,19 @@ def _estimate_frames(frames: np.ndarray, template: np.ndarray, p: MotionParams) 
     Returns
     -------
     ndarray, (n, 3) or (n, 3 + 3 gy gx) float32
-        Per frame: rigid (dy, dx) px, whole-frame peak height, then for every
-        patch (row-major) its (dy, dx) px and a fallback flag (1.0 = rigid used).
+        Per frame: rigid (dy, dx) px (piecewise: the field's spatial mean),
+        whole-frame peak height, then for every patch (row-major) its (dy, dx)
+        px and a fallback flag (1.0 = rigid used).
     """
     geom = _geometry(p, frames.shape[1:])
     tmpl = _bin(np.asarray(template, dtype=np.float32)[None], geom.k)[0]
     tmpl -= tmpl.mean()
-    tspec = np.conj(_spectrum(tmpl[None])[0])
+    tspec = np.conj(scipy.fft.rfft2(tmpl * _taper2d(geom.pshape, geom.ramp)))
     piecewise = p.mode == "piecewise"
     if piecewise:
         tpatch = _patches(tmpl[None], geom)[0]
         tpatch -= tpatch.mean(axis=(-2, -1), keepdims=True)
-        tpatch_spec = np.conj(_spectrum(tpatch))
+        tpatch_spec = np.conj(scipy.fft.rfft2(tpatch * _taper2d(geom.patch, geom.patch_ramp)))
         energy = np.einsum("ijyx,yx->ij", np.abs(tpatch_spec) ** 2, geom.patch_weight)
         flat = energy < p.min_patch_contrast * np.median(energy)
     gy, gx = len(geom.starts[0]), len(geom.starts[1])
@@ -874,7 +928,15 @@ def _estimate_frames(frames: np.ndarray, template: np.ndarray, p: MotionParams) 
         fb -= fb.mean(axis=(1, 2), keepdims=True)
         n = fb.shape[0]
         rigid, peak = _match(
-            fb, tspec, geom.weight, geom.ramp, np.zeros((n, 2)), geom.radius, p
+            fb,
+            tspec,
+            geom.weight,
+            geom.ramp,
+            np.zeros((n, 2)),
+            geom.radius,
+            p.upsample_factor,
+            p.whitening,
+            follow=True,
         )
         rigid = np.clip(rigid, -geom.max_shift, geom.max_shift)
         out[sl, :2] = rigid * geom.k
@@ -884,10 +946,10 @@ def _estimate_frames(frames: np.ndarray, template: np.ndarray, p: MotionParams) 
         dev, ppeak = _patch_deviations(fb, tpatch_spec, rigid, geom, p)
         fallback = flat[None] | (ppeak < p.min_patch_correlation * peak[:, None, None])
         dev[fallback] = 0.0
-        packed = np.concatenate(
-            [(rigid[:, None, None, :] + dev) * geom.k, fallback[..., None].astype(np.float64)],
-            axis=-1,
-        )
+        total = rigid[:, None, None, :] + dev
+        # the rigid part of a piecewise estimate is the spatial mean of its field
+        out[sl, :2] = geom.k * np.einsum("nijc,i,j->nc", total, *(m.mean(axis=0) for m in geom.interp))
+        packed = np.concatenate([total * geom.k, fallback[..., None].astype(np.float64)], axis=-1)
         out[sl, 3:] = packed.reshape(n, -1)
     return out
 
@@ -896,82 +958,63 @@ def _match(
     images: np.ndarray,
     tconj: np.ndarray,
     weight: np.ndarray,
-    ramp: tuple[int, int] | None,
+    ramp: tuple[int, int],
     guess: np.ndarray,
     radius: int,
-    p: MotionParams,
+    upsample_factor: int,
+    whitening: float,
+    follow: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shift of each image relative to its template, within ``radius`` of a guess.
 
-    Two passes: the first finds the shift with the border taper placed at the
-    guess, the second repeats the match with the taper moved by the first
-    estimate, so that the taper follows the image content (a taper fixed in the
-    image frame biases the shift toward the guess).
+    The templates are expected tapered with the same border taper at shift 0.
+    Each image's taper is placed at the guess; with ``follow`` a second pass
+    repeats the match with the taper moved by the first estimate, so that both
+    tapers sit on the same content and the windowed correlation is symmetric
+    about the true shift (a taper fixed in the frame biases the shift toward
+    the guess).
 
     Parameters
     ----------
-    images : ndarray, (m, H, W) float32
+    images : ndarray, (..., H, W) float32
         Mean-subtracted images.
-    tconj : ndarray, (m, H, W//2+1) or (H, W//2+1) complex
-        Conjugate spectra of the templates.
+    tconj : ndarray, complex, broadcastable to (..., H, W//2+1)
+        Conjugate spectra of the tapered templates.
     weight : ndarray, (H, W//2+1) float32
         Band-pass.
     ramp : (int, int)
         Taper widths along each axis.
-    guess : ndarray, (m, 2) float
+    guess : ndarray, (..., 2) float
         Expected shifts (px).
     radius : int
         Integer search radius around the rounded guess in the first pass.
-    p : MotionParams
+    upsample_factor : int
+        Sub-pixel steps per pixel.
+    whitening : float
+        Exponent of the cross-power normalisation, see :func:`_whiten`.
+    follow : bool
+        Run the second pass with the taper moved by the first estimate.
 
     Returns
     -------
-    shifts : ndarray, (m, 2) float64
-    peak : ndarray, (m,) float64
+    shifts : ndarray, (..., 2) float64
+    peak : ndarray, (...) float64
         Normalised correlation peak, see :func:`_refine_peak`.
     """
-    shape = images.shape[-2:]
-    est = np.asarray(guess, dtype=np.float64)
+    lead, shape = images.shape[:-2], images.shape[-2:]
+    est = np.asarray(guess, dtype=np.float64).reshape(-1, 2)
     centre = np.round(est).astype(np.int64)
-    for upsample in (min(p.upsample_factor, 4), p.upsample_factor):
-        if ramp is not None:
-            wy = _taper(shape[0], ramp[0], est[:, 0])
-            wx = _taper(shape[1], ramp[1], est[:, 1])
-            spec = _spectrum(images * wy[:, :, None] * wx[:, None, :])
-        else:
-            spec = _spectrum(images)
-        rw = _whiten(spec * tconj, weight, p.whitening)
-        del spec
+    passes = (min(upsample_factor, 4), upsample_factor) if follow else (upsample_factor,)
+    for upsample in passes:
+        wy = _taper(shape[0], ramp[0], est[:, 0]).reshape(*lead, shape[0], 1)
+        wx = _taper(shape[1], ramp[1], est[:, 1]).reshape(*lead, 1, shape[1])
+        rw = _whiten(scipy.fft.rfft2(images * wy * wx) * tconj, weight, whitening)
+        rw = rw.reshape(-1, *rw.shape[-2:])
         coarse = _coarse_peak(rw, shape, centre, radius)
         est, peak = _refine_peak(rw, shape, coarse, upsample)
         centre, radius = np.round(est).astype(np.int64), 1
-    return est, peak
-
-
-def _spectrum(images: np.ndarray) -> np.ndarray:
-    """rfft2 of the periodic component of each image (Moisan 2011), complex64.
-
-    The circular FFT sees a jump wherever an image's opposite borders differ,
-    which puts a bright cross on the spectrum that does not move with the image.
-    The periodic component is the image minus the smooth image whose Laplacian
-    carries those jumps; its spectrum follows from 1-D FFTs of the border
-    differences, so it costs little more than the plain rfft2.
-    """
-    m, n = images.shape[-2:]
-    spec = scipy.fft.rfft2(images)
-    if not _PERIODIC:
-        return spec
-    a = scipy.fft.rfft(images[..., -1, :] - images[..., 0, :], axis=-1)  # (..., n//2+1)
-    b = scipy.fft.fft(images[..., :, -1] - images[..., :, 0], axis=-1)  # (..., m)
-    q = np.arange(m)[:, None]
-    r = np.arange(n // 2 + 1)[None, :]
-    eq = (1 - np.exp(2j * np.pi * q / m)).astype(np.complex64)
-    er = (1 - np.exp(2j * np.pi * r / n)).astype(np.complex64)
-    den = (2 * np.cos(2 * np.pi * q / m) + 2 * np.cos(2 * np.pi * r / n) - 4).astype(np.float32)
-    den[0, 0] = 1.0
-    smooth = (a[..., None, :] * eq + b[..., :, None] * er) / den
-    smooth[..., 0, 0] = 0
-    return (spec - smooth).astype(np.complex64, copy=False)
+        del rw
+    return est.reshape(*lead, 2), peak.reshape(lead)
 
 
 def _bin(frames: np.ndarray, k: int) -> np.ndarray:
@@ -1014,7 +1057,7 @@ def _patch_deviations(
     frames : ndarray, (n, Yp, Xp) float32
         Binned, mean-subtracted frames.
     tpatch_spec : ndarray, (gy, gx, Py, Px//2+1) complex
-        Conjugate spectra of the template's patches.
+        Conjugate spectra of the template's tapered patches.
     rigid : ndarray, (n, 2)
         Rigid shifts (binned px).
     geom, p
@@ -1030,29 +1073,27 @@ def _patch_deviations(
     """
     n = frames.shape[0]
     gy, gx = len(geom.starts[0]), len(geom.starts[1])
-    tconj = np.broadcast_to(tpatch_spec[None], (n, *tpatch_spec.shape))
-    tconj = tconj.reshape(-1, *tpatch_spec.shape[-2:])
     field = np.broadcast_to(rigid[:, None, None, :], (n, gy, gx, 2)).astype(np.float64)
     radius = geom.dev_radius
     for _ in range(_PATCH_ROUNDS):
-        warped = _warp(frames, field, geom.interp)
-        patches = _patches(warped, geom)
-        del warped
+        patches = _patches(_warp(frames, field, geom.interp), geom)
         patches -= patches.mean(axis=(-2, -1), keepdims=True)
         res, peak = _match(
-            patches.reshape(-1, *geom.patch),
-            tconj,
+            patches,
+            tpatch_spec,
             geom.patch_weight,
-            geom.patch_ramp if _PTAPER else None,
-            np.zeros((n * gy * gx, 2)),
+            geom.patch_ramp,
+            np.zeros((n, gy, gx, 2)),
             radius,
-            p,
+            p.upsample_factor,
+            p.patch_whitening,
+            follow=False,
         )
         del patches
-        dev = field + res.reshape(n, gy, gx, 2) - rigid[:, None, None, :]
-        field = rigid[:, None, None, :] + np.clip(dev, -geom.max_dev, geom.max_dev)
+        dev = np.clip(field + res - rigid[:, None, None, :], -geom.max_dev, geom.max_dev)
+        field = rigid[:, None, None, :] + dev
         radius = min(radius, 2)
-    return field - rigid[:, None, None, :], peak.reshape(n, gy, gx)
+    return field - rigid[:, None, None, :], peak
 
 
 def _warp(
@@ -1065,13 +1106,13 @@ def _warp(
     """
     n, ny, nx = frames.shape
     my, mx = interp
-    dense = np.einsum("yi,nijc,xj->ncyx", my, field.astype(np.float32), mx)
-    coords = np.empty((3, n, ny, nx), dtype=np.float32)
-    coords[0] = np.arange(n, dtype=np.float32)[:, None, None]
-    coords[1] = np.arange(ny, dtype=np.float32)[None, :, None] + dense[:, 0]
-    coords[2] = np.arange(nx, dtype=np.float32)[None, None, :] + dense[:, 1]
-    # order 1: the integer frame coordinate takes each frame alone
-    return ndimage.map_coordinates(frames, coords, order=1, mode=_WMODE, cval=0.0)
+    dense = my @ np.moveaxis(field.astype(np.float32), -1, 1) @ mx.T  # (n, 2, Y, X)
+    dense[:, 0] += np.arange(ny, dtype=np.float32)[:, None]
+    dense[:, 1] += np.arange(nx, dtype=np.float32)[None, :]
+    out = np.empty_like(frames)
+    for b in range(n):
+        ndimage.map_coordinates(frames[b], dense[b], output=out[b], order=1, mode="nearest")
+    return out
 
 
 def _whiten(cross: np.ndarray, weight: np.ndarray, exponent: float) -> np.ndarray:
@@ -1146,39 +1187,6 @@ def _refine_peak(
             frac = np.where(ok, 0.5 * (lo - hi) / np.where(ok, curvature, -1.0), 0.0)
             shifts[:, axis] += np.clip(frac, -0.5, 0.5) / upsample
     return shifts, corr.reshape(n, -1)[rows, flat] / np.maximum(bound, np.finfo(np.float32).tiny)
-
-
-def _unpack(
-    packed: np.ndarray, p: MotionParams, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rigid (n, 2) and patch (n, gy, gx, 2) shifts (or None) from packed estimates."""
-    if p.mode != "piecewise":
-        return packed[:, :2], None
-    geom = _geometry(p, shape)
-    gy, gx = len(geom.starts[0]), len(geom.starts[1])
-    return packed[:, :2], packed[:, 3:].reshape(-1, gy, gx, 3)[..., :2]
-
-
-def _frame_mean(frames: np.ndarray) -> np.ndarray:
-    return np.mean(frames, axis=0, dtype=np.float64).astype(np.float32)
-
-
-def _registered_mean(
-    frames: np.ndarray,
-    rigid: np.ndarray,
-    patch: np.ndarray | None,
-    p: MotionParams,
-    shape: tuple[int, int],
-) -> np.ndarray:
-    """Mean of the registered frames, in batches (float32)."""
-    centers = _geometry(p, shape).centers
-    total = np.zeros(shape, dtype=np.float64)
-    batch = max(1, int(_BATCH_BYTES // (shape[0] * shape[1] * 4 * 4)))
-    for b0 in range(0, frames.shape[0], batch):
-        sl = slice(b0, b0 + batch)
-        reg = _apply_frames(frames[sl], rigid[sl], None if patch is None else patch[sl], p, centers)
-        total += reg.sum(axis=0, dtype=np.float64)
-    return (total / frames.shape[0]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- application
