@@ -24,14 +24,13 @@ import xarray as xr
 from prefect import flow, get_run_logger, task
 
 from somaflow.assemble import assemble_result
-from somaflow.detect.local_maxima import detect_local_maxima
+from somaflow.extract import find_units
 from somaflow.io import schema, stores
 from somaflow.io.ingest import ingest, load_movie
 from somaflow.params import RunParams
 from somaflow.preprocess.motion import apply_shifts, compute_template, estimate_shifts
-from somaflow.preprocess.pipeline import detection_movie, trace_movie
+from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
-from somaflow.traces import extract_traces
 
 
 def work_url(out_url: str) -> str:
@@ -98,17 +97,10 @@ def summary_stage(corrected_url: str, p: RunParams) -> tuple[xr.Dataset, xr.Data
     return det, plain
 
 
-@task(name="detect")
-def detect_stage(images: xr.Dataset, p: RunParams) -> xr.Dataset:
-    """Candidate units from the summary images."""
-    return detect_local_maxima(images, p.detect)
-
-
-@task(name="traces")
-def traces_stage(corrected_url: str, units: xr.Dataset, p: RunParams) -> xr.Dataset:
-    """Fluorescence traces, ΔF/F and spikes of every unit."""
-    movie = trace_movie(schema.open_movie(corrected_url), p.preprocess)
-    return extract_traces(movie, units["masks"], p.traces).compute()
+@task(name="extract")
+def extract_stage(corrected_url: str, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
+    """Units (masks, footprints, scores) and their traces, ΔF/F and spikes."""
+    return find_units(schema.open_movie(corrected_url), images, p)
 
 
 @task(name="write-result")
@@ -117,7 +109,7 @@ def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Data
                 overwrite: bool) -> str:
     """Assemble and write the result zarr atomically; ``complete`` last."""
     attrs = schema.read_attrs(movie_url)
-    extra = {"timings": timings, "method": "local-maxima", "motion_mode": p.preprocess.motion.mode}
+    extra = {"timings": timings, "method": p.method, "motion_mode": p.preprocess.motion.mode}
     ds = assemble_result(
         images, units, traces, n_frames=traces.sizes["frame"], params=p.model_dump(),
         source=attrs["source"], source_checksum=attrs["source_checksum"],
@@ -143,8 +135,7 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     movie_url = timed("ingest", ingest_stage, input_url, out_url, params.fps, params.modality, params)
     corrected_url, motion = timed("motion", motion_stage, movie_url, out_url, params)
     det_images, plain_images = timed("summary", summary_stage, corrected_url, params)
-    units = timed("detect", detect_stage, det_images, params)
-    traces = timed("traces", traces_stage, corrected_url, units, params)
+    units, traces = timed("extract", extract_stage, corrected_url, det_images, params)
     images = det_images.assign(mean_image=plain_images["mean_image"], max_image=plain_images["max_image"])
     url = timed("write", write_stage, out_url, movie_url, images, units, traces, motion, params,
                 timings, overwrite)

@@ -16,6 +16,7 @@ from typing import Any
 
 from somaflow import __version__
 from somaflow.errors import ParameterError, SomaflowError
+from somaflow.extract import METHODS
 
 log = logging.getLogger("somaflow")
 
@@ -84,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     axes = args.axes or ingest_over.get("axes", "tyx")
     overrides.setdefault("ingest", {})
     overrides["ingest"] = {**ingest_over, "dataset": dataset, "axes": axes}
+    if args.method:
+        overrides["method"] = args.method
 
     from somaflow_flows.session import resolve_movie_info, session_flow
 
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["2p", "1p"], help="imaging modality (default 2p)")
     s.add_argument("--neuron-radius", type=float, metavar="PX", help="typical soma radius in pixels")
     s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides of any stage parameter")
+    s.add_argument("--method", choices=list(METHODS),
+                   help=f"source extraction method (default {METHODS[0]})")
     s.add_argument("--cluster", default="local", metavar="local|threads|ADDRESS",
                    help="'local' (worker processes, default), 'threads', or tcp://HOST:PORT")
     s.add_argument("--workers", type=int, help="workers of a local cluster (default: one per core)")

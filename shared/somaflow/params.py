@@ -47,6 +47,7 @@ class RunParams(BaseModel):
     fps: float = Field(gt=0, description="frame rate of the input movie (Hz)")
     modality: str = Field(pattern="^(2p|1p)$")
     neuron_radius: float = Field(gt=0, description="typical soma radius (pixels)")
+    method: str = Field("local-maxima", description="source extraction method (somaflow.extract.METHODS)")
     ingest: IngestParams = IngestParams()
     preprocess: PreprocessParams
     summary: SummaryParams
@@ -72,10 +73,12 @@ class RunParams(BaseModel):
             Unknown keys or invalid values in ``overrides``.
         """
         r = float(neuron_radius or DEFAULT_NEURON_RADIUS.get(modality, 5.0))
+        from somaflow.extract import METHODS
         base: dict[str, Any] = {
             "fps": fps,
             "modality": modality,
             "neuron_radius": r,
+            "method": METHODS[0],
             "ingest": IngestParams().model_dump(),
             "preprocess": PreprocessParams.for_movie(fps, modality, r, shape).model_dump(),
             "summary": SummaryParams.for_movie(fps, modality, r).model_dump(),
@@ -83,6 +86,9 @@ class RunParams(BaseModel):
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
         }
         merged = _merge(base, overrides or {})
+        if merged.get("method") not in METHODS:
+            raise ParameterError(f"bad parameter method: {merged.get('method')!r} is not one of "
+                                 f"{', '.join(METHODS)}. Fix it in --method or the --params file.")
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:

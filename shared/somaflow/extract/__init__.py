@@ -1,0 +1,57 @@
+"""Source extraction: from a corrected movie and its summary images to units.
+
+:func:`find_units` is the one entry point the session flow calls; it dispatches
+on ``RunParams.method``. Every method returns the same two datasets:
+
+* ``units`` — ``masks`` (unit, y, x) bool, optionally ``footprints``,
+  ``score``, ``accepted``;
+* ``traces`` — ``traces``, ``dff``, ``spikes`` (unit, frame), optionally ``snr``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import xarray as xr
+
+from somaflow.errors import ParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from somaflow.params import RunParams
+
+#: the methods ``somaflow run --method`` accepts
+METHODS: tuple[str, ...] = ("local-maxima",)
+
+
+def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
+    """Find units and their activity with the method ``p.method``.
+
+    Parameters
+    ----------
+    corrected : xarray.DataArray
+        (frame, y, x) motion-corrected movie (dask-backed; not loaded).
+    images : xarray.Dataset
+        Summary images of the detection movie (``correlation_image``,
+        ``pnr_image``, ``mean_image``, ``max_image``, ``std_image``), (y, x).
+    p : somaflow.params.RunParams
+        Every parameter of the run.
+
+    Returns
+    -------
+    units, traces : xarray.Dataset
+        See the module docstring; ``traces`` is computed (numpy-backed).
+
+    Raises
+    ------
+    ParameterError
+        ``p.method`` is not one of :data:`METHODS`.
+    """
+    if p.method == "local-maxima":
+        from somaflow.detect.local_maxima import detect_local_maxima
+        from somaflow.preprocess.pipeline import trace_movie
+        from somaflow.traces import extract_traces
+
+        units = detect_local_maxima(images, p.detect)
+        traces = extract_traces(trace_movie(corrected, p.preprocess), units["masks"], p.traces).compute()
+        return units, traces
+    raise ParameterError(f"unknown method {p.method!r}; use one of {', '.join(METHODS)}.")
