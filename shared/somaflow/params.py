@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow.detect.local_maxima import LocalMaximaParams
 from somaflow.errors import InputError, ParameterError
+from somaflow.extract.cnmf import CnmfParams
 from somaflow.io import stores
 from somaflow.preprocess.pipeline import PreprocessParams
 from somaflow.preprocess.summary import SummaryParams
@@ -52,6 +53,7 @@ class RunParams(BaseModel):
     preprocess: PreprocessParams
     summary: SummaryParams
     detect: LocalMaximaParams
+    cnmf: CnmfParams
     traces: TraceParams
 
     @classmethod
@@ -83,6 +85,7 @@ class RunParams(BaseModel):
             "preprocess": PreprocessParams.for_movie(fps, modality, r, shape).model_dump(),
             "summary": SummaryParams.for_movie(fps, modality, r).model_dump(),
             "detect": LocalMaximaParams.for_movie(fps, modality, r).model_dump(),
+            "cnmf": CnmfParams.for_movie(fps, modality, r).model_dump(),
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
         }
         merged = _merge(base, overrides or {})

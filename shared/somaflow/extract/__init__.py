@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
 
 #: the methods ``somaflow run --method`` accepts
-METHODS: tuple[str, ...] = ("local-maxima",)
+METHODS: tuple[str, ...] = ("local-maxima", "cnmf")
 
 
 def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
@@ -54,4 +54,8 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
         units = detect_local_maxima(images, p.detect)
         traces = extract_traces(trace_movie(corrected, p.preprocess), units["masks"], p.traces).compute()
         return units, traces
+    if p.method == "cnmf":
+        from somaflow.extract.cnmf import cnmf_units
+
+        return cnmf_units(corrected, images, p)
     raise ParameterError(f"unknown method {p.method!r}; use one of {', '.join(METHODS)}.")

@@ -1,0 +1,731 @@
+"""CNMF source extraction over overlapping spatial patches (Dask), 2p and 1p.
+
+Model, per patch: ``Y (pixels × frames) ≈ A C + b0 1ᵀ + b f`` — ``A ≥ 0``
+footprints restricted to a neighbourhood of their seed, ``C ≥ 0`` calcium
+traces, ``b0`` the per-pixel baseline and ``b f`` a rank-``n_background``
+fluctuating background (neuropil, global fluctuation). For 1p data the model
+is fitted on the neural-enhanced movie (the per-frame morphological-opening
+background removed, ``preprocess.trace_background``), where a low-rank
+background is adequate; for 2p on the corrected movie.
+
+Steps (:func:`cnmf`):
+
+1. **Fit movie** — the trace movie, temporally binned to at most
+   ``max_fit_frames`` frames, written once to a scratch zarr with
+   time-contiguous, pixel-tiled chunks so that every patch reads only its
+   region.
+2. **Seeds** (:mod:`somaflow.extract.seeds`) — randomized max pooling and
+   correlation × PNR maxima, GMM cleansing, synchronous-neighbour merging.
+3. **Patches** — the frame is tiled into cores of ``patch_size`` px; each
+   patch is its core plus a halo of ``halo_radii · r``. Every seed in the
+   patch (halo included) becomes a component, so light from neighbours across
+   the border is explained, but only components seeded in the core are
+   returned: each seed is kept by exactly one patch, so patch borders neither
+   lose nor double neurons. Patches run in parallel as Dask tasks; memory per
+   task is the patch (binned frames × patch pixels), not the movie.
+4. **Per patch** — greedy initialisation (footprint = pixels of the seed's
+   window whose traces correlate with the seed trace above
+   ``init_correlation``, weighted by their regression on it, the component
+   that holds the seed; its rank-1 part removed from the residual before the
+   next seed), then ``iterations`` rounds of: background (``b0`` = temporal
+   mean of the residual, ``b f`` its leading singular vectors), temporal HALS
+   (non-negative block coordinate descent on C), spatial HALS restricted to the
+   initial footprint dilated by ``support_growth_radii · r`` (within its
+   window; free growth lets footprints leak into correlated neuropil), removal of
+   empty components, merging of overlapping components whose traces correlate
+   above ``merge_correlation``.
+5. **Global** — components of neighbouring patches with overlapping
+   footprints and correlated traces are merged (the larger kept); then the
+   full-frame-rate traces of all units come from one streaming least-squares
+   pass over the trace movie with the footprints and each patch's background
+   maps as regressors (memory: one frame chunk), and each trace is deconvolved.
+6. **Silent cells** have no activity for CNMF to see; units of the
+   morphology detector (:mod:`somaflow.detect.local_maxima`) that no CNMF
+   footprint covers are added as components before step 5 (``add_silent``).
+7. **Quality** — per unit SNR (peak of the trace over its noise SD) and spatial
+   correlation (footprint vs. the mean residual movie over the unit's active
+   frames); ``accepted`` needs both above ``min_snr`` / ``min_spatial_correlation``
+   (morphology units: the detector's score). ``score`` in [0, 1].
+
+Masks are the footprint above ``mask_fraction`` × its maximum, the connected
+component holding the maximum, holes filled — the simulator's ground-truth
+convention — with an area in ``[min_area_fraction, max_area_fraction] · π r²``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+from somaflow.errors import InputError
+from somaflow.extract.seeds import SeedParams, find_seeds
+
+if TYPE_CHECKING:  # pragma: no cover
+    from somaflow.params import RunParams
+
+log = logging.getLogger(__name__)
+
+_MAD_TO_SIGMA = 1.4826
+
+
+class CnmfParams(BaseModel):
+    """Parameters of :func:`cnmf`; lengths in neuron radii r unless in px."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    neuron_radius: float = Field(5.0, gt=0, description="soma radius r (px)")
+    patch_size: int = Field(64, ge=16, description="side of a patch core (px)")
+    halo_radii: float = Field(3.0, ge=0, description="patch halo around its core (r)")
+    max_fit_frames: int = Field(2000, ge=50, description="frames the factorisation sees (binned)")
+    n_background: int = Field(1, ge=0, le=5, description="rank of the fluctuating background per patch")
+    iterations: int = Field(3, ge=1, le=20, description="spatial/temporal update rounds")
+    hals_sweeps: int = Field(3, ge=1, le=50, description="HALS sweeps per update")
+    window_radii: float = Field(2.5, gt=0, description="half-width of a footprint's window (r)")
+    support_growth_radii: float = Field(0.4, ge=0, description="footprints may grow this far past their initial extent (r)")
+    init_smooth_radii: float = Field(0.3, ge=0, description="Gaussian smoothing for initialisation (r)")
+    init_correlation: float = Field(0.4, ge=0, le=1, description="pixel-to-seed correlation for the initial footprint")
+    merge_correlation: float = Field(0.8, ge=-1, le=1, description="trace correlation to merge overlapping components")
+    mask_fraction: float = Field(0.3, gt=0, lt=1, description="mask = footprint above this fraction of its max")
+    min_area_fraction: float = Field(0.25, ge=0, description="smallest mask area (pi r^2)")
+    max_area_fraction: float = Field(4.0, gt=0, description="largest mask area (pi r^2)")
+    min_snr: float = Field(3.0, ge=0, description="accepted units reach this peak SNR")
+    min_spatial_correlation: float = Field(0.5, ge=-1, le=1, description="accepted units' spatial correlation")
+    add_silent: bool = Field(True, description="add morphology-detector units no CNMF unit covers")
+    seeds: SeedParams = SeedParams()
+
+    @classmethod
+    def for_movie(cls, fps: float, modality: str, neuron_radius: float) -> CnmfParams:
+        """Defaults for a movie: lengths follow the radius; 1p gets a rank-2 background."""
+        r = float(neuron_radius)
+        return cls(
+            neuron_radius=r,
+            patch_size=int(max(48, round(12 * r))),
+            n_background=1 if modality == "2p" else 2,
+            seeds=SeedParams.for_movie(fps, modality, r),
+        )
+
+
+@dataclass
+class PatchFit:
+    """Components of one patch, in full-frame pixel indices."""
+
+    footprints: sp.csr_matrix  # (k, y*x) float32, max 1
+    traces: np.ndarray  # (k, T_fit) float32
+    snr: np.ndarray  # (k,)
+    spatial_corr: np.ndarray  # (k,)
+    background: sp.csr_matrix  # (1 + n_background, y*x) patch-core background maps
+
+
+@dataclass
+class CnmfFit:
+    """Result of :func:`cnmf` after the global merge."""
+
+    footprints: sp.csr_matrix  # (unit, y*x) float32, max 1
+    fit_traces: np.ndarray  # (unit, T_fit) float32, on the binned fit movie
+    spatial_corr: np.ndarray  # (unit,)
+    background: sp.csr_matrix  # (maps, y*x): every patch's background regressors
+    seeds: xr.Dataset
+
+
+# ----------------------------------------------------------------------------- driver
+def cnmf(
+    movie: xr.DataArray,
+    params: CnmfParams,
+    *,
+    fps: float,
+    scratch_url: str | None = None,
+) -> CnmfFit:
+    """Fit CNMF over patches of ``movie`` (steps 1-4 of the module docstring).
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x) trace movie (corrected; background-removed for 1p),
+        dask-backed or numpy.
+    params : CnmfParams
+    fps : float
+        Frame rate of ``movie`` (Hz).
+    scratch_url : str, optional
+        Folder for the binned fit movie; a temporary local folder when None
+        (removed afterwards).
+
+    Returns
+    -------
+    CnmfFit
+        Footprints after the global merge, their traces on the binned fit
+        movie, spatial correlations, the patches' background maps (used for
+        the full-rate traces) and the seeds (see :func:`find_seeds`).
+    """
+    from somaflow.io import schema, stores
+
+    ny, nx = int(movie.sizes["y"]), int(movie.sizes["x"])
+    n_frames = int(movie.sizes["frame"])
+    if n_frames < 10:
+        raise InputError(f"CNMF needs at least 10 frames, the movie has {n_frames}. Record a longer movie.")
+    k = int(math.ceil(n_frames / params.max_fit_frames))
+    fit = movie.astype(np.float32)
+    if k > 1:
+        fit = fit.coarsen(frame=k, boundary="trim").mean()
+    tile = int(min(params.patch_size, 128))
+    chunks = {"frame": -1, "y": tile, "x": tile}
+    own_tmp = scratch_url is None
+    scratch = tempfile.mkdtemp(prefix="somaflow-cnmf-") if own_tmp else scratch_url
+    try:
+        fit_url = stores.join(scratch, "fit_movie.zarr")
+        ds = xr.Dataset({"movie": fit.chunk(chunks)})
+        schema.write_dataset(ds.drop_vars(list(ds.coords)), fit_url, overwrite=True)
+        fit_movie = xr.open_zarr(stores.filesystem(fit_url)[0].get_mapper(stores.filesystem(fit_url)[1]),
+                                 consolidated=False)["movie"]
+        images = _fit_images(fit_movie)
+        seeds = find_seeds(fit_movie, images, params.seeds)
+        pts = np.stack([seeds["y"].values, seeds["x"].values], axis=1) if seeds.sizes["seed"] else np.zeros((0, 2), int)
+        pnr = seeds["pnr"].values
+        tasks = []
+        for core, region in plan_patches((ny, nx), params):
+            inside = ((pts[:, 0] >= region[0].start) & (pts[:, 0] < region[0].stop)
+                      & (pts[:, 1] >= region[1].start) & (pts[:, 1] < region[1].stop))
+            if not inside.any():
+                continue
+            in_core = ((pts[inside, 0] >= core[0].start) & (pts[inside, 0] < core[0].stop)
+                       & (pts[inside, 1] >= core[1].start) & (pts[inside, 1] < core[1].stop))
+            if not in_core.any():
+                continue
+            block = fit_movie.data[:, region[0], region[1]]
+            tasks.append(dask.delayed(fit_patch)(block, pts[inside], pnr[inside], in_core, region, core,
+                                                 (ny, nx), params))
+        fits = list(dask.compute(*tasks)) if tasks else []
+    finally:
+        if own_tmp:
+            shutil.rmtree(scratch, ignore_errors=True)
+    footprints, traces, keep = _global_merge(fits, params)
+    rval = np.concatenate([f.spatial_corr for f in fits])[keep] if fits else np.zeros(0)
+    background = (sp.vstack([f.background for f in fits]).tocsr() if fits
+                  else sp.csr_matrix((0, ny * nx), dtype=np.float32))
+    return CnmfFit(footprints, traces, rval, background, seeds)
+
+
+def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """Patch cores tiling the frame and their regions (core + halo), as (core, region) slices."""
+    halo = int(math.ceil(params.halo_radii * params.neuron_radius))
+    out = []
+    cuts = [np.unique(np.linspace(0, n, max(1, round(n / params.patch_size)) + 1).round().astype(int)) for n in shape]
+    for y0, y1 in zip(cuts[0][:-1], cuts[0][1:], strict=True):
+        for x0, x1 in zip(cuts[1][:-1], cuts[1][1:], strict=True):
+            core = (slice(int(y0), int(y1)), slice(int(x0), int(x1)))
+            region = (slice(max(0, int(y0) - halo), min(shape[0], int(y1) + halo)),
+                      slice(max(0, int(x0) - halo), min(shape[1], int(x1) + halo)))
+            out.append((core, region))
+    return out
+
+
+def _fit_images(movie: xr.DataArray) -> xr.Dataset:
+    from somaflow.preprocess.summary import SummaryParams, summary_images
+
+    imgs = summary_images(movie, SummaryParams()).compute()
+    return imgs
+
+
+# ----------------------------------------------------------------------------- one patch
+def fit_patch(
+    block: np.ndarray,
+    seeds: np.ndarray,
+    pnr: np.ndarray,
+    in_core: np.ndarray,
+    region: tuple[slice, slice],
+    core: tuple[slice, slice],
+    shape: tuple[int, int],
+    params: CnmfParams,
+) -> PatchFit:
+    """CNMF on one patch (step 4 of the module docstring).
+
+    Parameters
+    ----------
+    block : ndarray, (T, h, w)
+        The patch region of the fit movie.
+    seeds : ndarray, (n, 2) int
+        Seeds inside the region, full-frame (y, x).
+    pnr : ndarray, (n,)
+        Seed strength (initialisation order).
+    in_core : ndarray, (n,) bool
+        Seeds whose components are returned.
+    region, core : tuple of slice
+        The region read and the core owned, full-frame.
+    shape : (int, int)
+        Full frame (y, x).
+    """
+    Y3 = np.asarray(block, np.float32)
+    T, h, w = Y3.shape
+    Y = Y3.reshape(T, h * w).T.copy()  # (P, T)
+    r = params.neuron_radius
+    # initialise on a spatially smoothed copy: single pixels are too noisy to correlate
+    sm = ndimage.gaussian_filter(Y3, (0, params.init_smooth_radii * r, params.init_smooth_radii * r))
+    del Y3
+    R = sm.reshape(T, h * w).T.copy()
+    del sm
+    R -= np.percentile(R, 20, axis=1).astype(np.float32)[:, None]
+    local = seeds - np.array([region[0].start, region[1].start])
+    order = np.argsort(-pnr, kind="stable")
+    half = int(math.ceil(params.window_radii * r))
+    A_cols, C_rows, windows, keep_core = [], [], [], []
+    for i in order:
+        y, x = local[i]
+        win = _window(y, x, half, h, w)
+        a, c = _init_component(R, win, (y, x), (h, w), params)
+        if a is None:
+            continue
+        R[win] -= np.outer(a[win], c)
+        A_cols.append(a)
+        C_rows.append(c)
+        windows.append(win)
+        keep_core.append(bool(in_core[i]))
+    nb = params.n_background
+    empty_bg = _background_maps(np.zeros(h * w, np.float32), np.zeros((h * w, 0), np.float32), region, core, shape)
+    if not A_cols:
+        return PatchFit(sp.csr_matrix((0, shape[0] * shape[1]), dtype=np.float32), np.zeros((0, T), np.float32),
+                        np.zeros(0), np.zeros(0), empty_bg)
+    A = np.stack(A_cols, axis=1)  # (P, K)
+    C = np.stack(C_rows)  # (K, T)
+    keep_core_arr = np.array(keep_core)
+    support = _grow_support(A, _supports(windows, h * w), windows, (h, w),
+                            steps=max(1, int(round(params.support_growth_radii * r))))
+    b = np.zeros((h * w, nb), np.float32)
+    f = np.zeros((nb, T), np.float32)
+    for _ in range(params.iterations):
+        b0, b, f = _update_background(Y, A, C, nb)
+        C = _hals_temporal(Y, A, C, b0, b, f, params.hals_sweeps)
+        A = _hals_spatial(Y, A, C, b0, b, f, support, params.hals_sweeps)
+        A, C, keep = _normalize_drop(A, C)
+        support, keep_core_arr = support[:, keep], keep_core_arr[keep]
+        windows = [wd for wd, k_ in zip(windows, keep, strict=True) if k_]
+        A, C, support, keep_core_arr, windows = _merge_local(A, C, support, keep_core_arr, windows, params)
+        if A.shape[1] == 0:
+            break
+    b0, b, f = _update_background(Y, A, C, nb)
+    snr = _snr(C)
+    rval = _spatial_corr(Y, A, C, b0, b, f)
+    sel = keep_core_arr
+    fp = _to_global(A[:, sel], region, shape)
+    return PatchFit(fp, C[sel].astype(np.float32), snr[sel], rval[sel],
+                    _background_maps(b0, b, region, core, shape))
+
+
+def _window(y: int, x: int, half: int, h: int, w: int) -> np.ndarray:
+    """Flat pixel indices of the square window around (y, x), clipped to the patch."""
+    ys = np.arange(max(0, y - half), min(h, y + half + 1))
+    xs = np.arange(max(0, x - half), min(w, x + half + 1))
+    return (ys[:, None] * w + xs[None, :]).ravel()
+
+
+def _init_component(R: np.ndarray, win: np.ndarray, seed: tuple[int, int], hw: tuple[int, int],
+                    params: CnmfParams) -> tuple[np.ndarray | None, np.ndarray]:
+    h, w = hw
+    y, x = seed
+    r = params.neuron_radius
+    core = _window(y, x, max(1, int(round(r / 3))), h, w)
+    c = R[core].mean(axis=0)
+    c = c - np.percentile(c, 20)
+    c = np.maximum(c, 0)
+    if not np.any(c > 0):
+        return None, c
+    Rw = R[win]
+    cc = c - c.mean()
+    Rc = Rw - Rw.mean(axis=1, keepdims=True)
+    denom = np.sqrt((Rc**2).sum(1) * (cc**2).sum()) + 1e-12
+    corr = (Rc @ cc) / denom
+    coef = (Rc @ cc) / ((cc**2).sum() + 1e-12)
+    ok = (corr > params.init_correlation) & (coef > 0)
+    wy = win // w
+    wx = win % w
+    ys, xs = wy.min(), wx.min()
+    grid = np.zeros((wy.max() - ys + 1, wx.max() - xs + 1), bool)
+    grid[wy - ys, wx - xs] = ok
+    lab, _ = ndimage.label(grid)
+    lv = lab[y - ys, x - xs]
+    if lv == 0:
+        return None, c
+    comp = (lab == lv)[wy - ys, wx - xs]
+    if comp.sum() < max(3, 0.15 * math.pi * r * r):
+        return None, c
+    a = np.zeros(R.shape[0], np.float32)
+    a[win[comp]] = coef[comp]
+    peak = a.max()
+    return a / peak, (c * peak).astype(np.float32)
+
+
+def _supports(windows: list[np.ndarray], n_pix: int) -> np.ndarray:
+    s = np.zeros((n_pix, len(windows)), bool)
+    for k, win in enumerate(windows):
+        s[win, k] = True
+    return s
+
+
+def _update_background(Y: np.ndarray, A: np.ndarray, C: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """b0 = temporal mean of Y - AC; b f = its leading ``nb`` singular pairs (randomized)."""
+    R = Y - A @ C
+    b0 = R.mean(axis=1)
+    if nb == 0:
+        return b0.astype(np.float32), np.zeros((Y.shape[0], 0), np.float32), np.zeros((0, Y.shape[1]), np.float32)
+    R -= b0[:, None]
+    rng = np.random.default_rng(0)
+    Q = R @ rng.standard_normal((R.shape[1], nb + 4)).astype(np.float32)
+    for _ in range(2):
+        Q, _ = np.linalg.qr(Q)
+        Q = R @ (R.T @ Q)
+    Q, _ = np.linalg.qr(Q)
+    Bs = Q.T @ R
+    u, s, vt = np.linalg.svd(Bs, full_matrices=False)
+    b = (Q @ u[:, :nb]) * s[:nb]
+    f = vt[:nb]
+    return b0.astype(np.float32), b.astype(np.float32), f.astype(np.float32)
+
+
+def _hals_temporal(Y, A, C, b0, b, f, sweeps):  # type: ignore[no-untyped-def]
+    YA = A.T @ Y - (A.T @ b0)[:, None] - (A.T @ b) @ f
+    AA = A.T @ A
+    C = C.copy()
+    for _ in range(sweeps):
+        for k in range(C.shape[0]):
+            if AA[k, k] <= 0:
+                continue
+            C[k] = np.maximum(0, C[k] + (YA[k] - AA[k] @ C) / AA[k, k])
+    return C
+
+
+def _hals_spatial(Y, A, C, b0, b, f, support, sweeps):  # type: ignore[no-untyped-def]
+    YC = Y @ C.T - np.outer(b0, C.sum(axis=1)) - b @ (f @ C.T)
+    CC = C @ C.T
+    A = A.copy()
+    for _ in range(sweeps):
+        for k in range(A.shape[1]):
+            if CC[k, k] <= 0:
+                continue
+            A[:, k] = np.maximum(0, A[:, k] + (YC[:, k] - A @ CC[:, k]) / CC[k, k]) * support[:, k]
+    return A
+
+
+def _grow_support(A: np.ndarray, support: np.ndarray, windows: list[np.ndarray], hw: tuple[int, int],
+                  steps: int = 1) -> np.ndarray:
+    """Support = ``steps``-pixel dilation of each footprint's non-zero pixels, within its window."""
+    h, w = hw
+    out = np.zeros_like(support)
+    for k, win in enumerate(windows):
+        img = (A[:, k] > 0).reshape(h, w)
+        grown = ndimage.binary_dilation(img, structure=np.ones((3, 3), bool), iterations=steps).ravel()
+        allowed = np.zeros(h * w, bool)
+        allowed[win] = True
+        out[:, k] = grown & allowed
+    return out
+
+
+def _normalize_drop(A: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    peak = A.max(axis=0)
+    keep = (peak > 0) & (C.max(axis=1) > 0)
+    A = A[:, keep] / peak[keep]
+    C = C[keep] * peak[keep, None]
+    return A, C, keep
+
+
+def _merge_local(A, C, support, keep_core, windows, params):  # type: ignore[no-untyped-def]
+    """Merge components whose footprints overlap and whose traces correlate."""
+    K = A.shape[1]
+    if K < 2:
+        return A, C, support, keep_core, windows
+    overlap = ((A > 0).T.astype(np.float32) @ (A > 0).astype(np.float32)) > 0
+    corr = np.corrcoef(C) if C.shape[1] > 1 else np.eye(K)
+    corr = np.nan_to_num(corr)
+    np.fill_diagonal(overlap, False)
+    pairs = np.argwhere(np.triu(overlap & (corr > params.merge_correlation)))
+    if len(pairs) == 0:
+        return A, C, support, keep_core, windows
+    parent = np.arange(K)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[find(int(j))] = find(int(i))
+    roots = np.array([find(i) for i in range(K)])
+    newA, newC, newS, newK, newW = [], [], [], [], []
+    for root in np.unique(roots):
+        idx = np.flatnonzero(roots == root)
+        scale = C[idx].max(axis=1)
+        a = (A[:, idx] * scale).sum(axis=1)
+        peak = a.max()
+        strongest = idx[np.argmax(scale)]
+        c = C[strongest] * (scale.max() / max(peak, 1e-12)) if len(idx) > 1 else C[strongest]
+        newA.append(a / max(peak, 1e-12))
+        newC.append(c if len(idx) > 1 else C[strongest])
+        newS.append(support[:, idx].any(axis=1))
+        newK.append(bool(keep_core[strongest]))
+        newW.append(np.unique(np.concatenate([windows[i] for i in idx])))
+    return (np.stack(newA, 1), np.stack(newC), np.stack(newS, 1), np.array(newK), newW)
+
+
+def _noise(x: np.ndarray) -> np.ndarray:
+    d = np.diff(x, axis=-1)
+    return np.maximum(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, -1, keepdims=True)), -1) / math.sqrt(2), 1e-9)
+
+
+def _snr(C: np.ndarray) -> np.ndarray:
+    if C.shape[0] == 0:
+        return np.zeros(0)
+    base = np.median(C, axis=1)
+    return (C.max(axis=1) - base) / _noise(C)
+
+
+def _spatial_corr(Y, A, C, b0, b, f):  # type: ignore[no-untyped-def]
+    """Correlation of each footprint with the data (others' light removed) over its active frames."""
+    K = A.shape[1]
+    out = np.zeros(K)
+    if K == 0:
+        return out
+    for k in range(K):
+        pix = np.flatnonzero(A[:, k] > 0)
+        c = C[k]
+        act = c > 0.5 * c.max()
+        if act.sum() == 0 or len(pix) < 3:
+            continue
+        others = A[pix] @ C[:, act] - np.outer(A[pix, k], C[k, act])
+        resid = Y[pix][:, act] - b0[pix, None] - b[pix] @ f[:, act] - others
+        img = resid.mean(axis=1)
+        a = A[pix, k]
+        if img.std() == 0 or a.std() == 0:
+            continue
+        out[k] = float(np.corrcoef(a, img)[0, 1])
+    return out
+
+
+def _to_global(A: np.ndarray, region: tuple[slice, slice], shape: tuple[int, int]) -> sp.csr_matrix:
+    h = region[0].stop - region[0].start
+    w = region[1].stop - region[1].start
+    pix = np.arange(h * w)
+    gy = region[0].start + pix // w
+    gx = region[1].start + pix % w
+    gidx = gy * shape[1] + gx
+    m = sp.csr_matrix(A.T.astype(np.float32))
+    m = sp.csr_matrix((m.data, gidx[m.indices], m.indptr), shape=(A.shape[1], shape[0] * shape[1]))
+    return m
+
+
+def _background_maps(b0: np.ndarray, b: np.ndarray, region: tuple[slice, slice], core: tuple[slice, slice],
+                     shape: tuple[int, int]) -> sp.csr_matrix:
+    """Background regressors of a patch: ``b0`` and each column of ``b``, restricted to the core."""
+    h = region[0].stop - region[0].start
+    w = region[1].stop - region[1].start
+    incore = np.zeros((h, w), bool)
+    incore[core[0].start - region[0].start : core[0].stop - region[0].start,
+           core[1].start - region[1].start : core[1].stop - region[1].start] = True
+    maps = np.concatenate([np.asarray(b0, np.float32)[:, None], np.asarray(b, np.float32)], axis=1)
+    maps = maps * incore.ravel()[:, None]
+    return _to_global(maps, region, shape)
+
+
+# ----------------------------------------------------------------------------- global
+def _global_merge(fits: list[PatchFit], params: CnmfParams) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Merge duplicate components across patches: overlapping footprints with correlated traces.
+
+    Returns the footprints, fit traces and the boolean keep mask over the
+    concatenated patch components.
+    """
+    if not fits or sum(f.footprints.shape[0] for f in fits) == 0:
+        n_pix = fits[0].footprints.shape[1] if fits else 0
+        return sp.csr_matrix((0, n_pix), dtype=np.float32), np.zeros((0, 0), np.float32), np.zeros(0, bool)
+    A = sp.vstack([f.footprints for f in fits]).tocsr()
+    C = np.concatenate([f.traces for f in fits])
+    K = A.shape[0]
+    if K < 2:
+        return A, C, np.ones(K, bool)
+    binA = (A > 0).astype(np.float32)
+    overlap = (binA @ binA.T).toarray()
+    np.fill_diagonal(overlap, 0)
+    area = np.asarray(binA.sum(axis=1)).ravel()
+    frac = overlap / np.maximum(np.minimum.outer(area, area), 1)
+    corr = np.nan_to_num(np.corrcoef(C)) if C.shape[1] > 1 else np.eye(K)
+    # cores above the mask threshold: IoU >= 0.5 there is one cell whatever the traces say
+    core = (A.multiply(1.0 / np.maximum(A.max(axis=1).toarray(), 1e-12)) >= params.mask_fraction).astype(np.float32)
+    inter = (core @ core.T).toarray()
+    carea = np.asarray(core.sum(axis=1)).ravel()
+    iou = inter / np.maximum(carea[:, None] + carea[None, :] - inter, 1)
+    np.fill_diagonal(iou, 0)
+    dup = np.triu(((frac > 0.5) & (corr > params.merge_correlation)) | (iou >= 0.5))
+    drop = np.zeros(K, bool)
+    for i, j in np.argwhere(dup):
+        if drop[i] or drop[j]:
+            continue
+        drop[j if area[i] >= area[j] else i] = True
+    keep = ~drop
+    return A[np.flatnonzero(keep)], C[keep], keep
+
+
+# ----------------------------------------------------------------------------- units and traces
+def masks_from_footprints(footprints: sp.csr_matrix, shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """(unit, y, x) bool: footprint ≥ ``fraction`` × max, the component holding the max, holes filled."""
+    n = footprints.shape[0]
+    out = np.zeros((n,) + shape, bool)
+    for k in range(n):
+        row = footprints.getrow(k)
+        if row.nnz == 0:
+            continue
+        img = np.zeros(shape[0] * shape[1], np.float32)
+        img[row.indices] = row.data
+        img = img.reshape(shape)
+        peak = np.unravel_index(np.argmax(img), shape)
+        above = img >= fraction * img[peak]
+        lab, _ = ndimage.label(above, structure=np.ones((3, 3)))
+        out[k] = ndimage.binary_fill_holes(lab == lab[peak])
+    return out
+
+
+def full_rate_traces(movie: xr.DataArray, units: sp.csr_matrix, background: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares coefficients of every frame on the footprints and background maps.
+
+    One streaming pass over ``movie`` (frame chunks); memory is one chunk plus
+    the (n_regressors, frames) result.
+
+    Returns
+    -------
+    raw : ndarray, (unit, frame) float32
+        Each unit's amplitude (in units of its footprint's peak).
+    background_under : ndarray, (unit, frame) float32
+        The background's level under each footprint (footprint-weighted mean).
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    M = sp.vstack([units, background]).tocsr().astype(np.float64)
+    K = units.shape[0]
+    G = (M @ M.T).toarray()
+    G[np.diag_indices_from(G)] += 1e-6 * max(float(np.trace(G)) / max(len(G), 1), 1e-12)
+    factor = cho_factor(G)
+    cols = np.unique(M.indices)
+    Msub = M[:, cols]
+    data = movie.data
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(64, -1, -1))
+    data = data.rechunk({1: -1, 2: -1})
+    n_reg = M.shape[0]
+
+    def block(b: np.ndarray) -> np.ndarray:
+        flat = np.asarray(b, np.float64).reshape(b.shape[0], -1)[:, cols]
+        return cho_solve(factor, np.asarray(Msub @ flat.T)).astype(np.float32)
+
+    coef = da.map_blocks(block, data, drop_axis=[1, 2], new_axis=[0], chunks=((n_reg,), data.chunks[0]),
+                         dtype=np.float32, meta=np.empty((0, 0), np.float32)).compute()
+    raw = coef[:K]
+    A = units.astype(np.float64)
+    norm = np.asarray(A.multiply(A).sum(axis=1)).ravel()
+    W = (A @ background.T.astype(np.float64)).toarray() / np.maximum(norm, 1e-12)[:, None]
+    under = (W @ coef[K:]).astype(np.float32)
+    return raw, under
+
+
+def cnmf_units(
+    corrected: xr.DataArray,
+    images: xr.Dataset,
+    p: RunParams,
+    *,
+    scratch_url: str | None = None,
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """The whole CNMF method: fit, silent cells, full-rate traces, quality.
+
+    Parameters
+    ----------
+    corrected : xarray.DataArray
+        (frame, y, x) motion-corrected movie, dask-backed, ``fps`` attr.
+    images : xarray.Dataset
+        Summary images of the detection movie (for the morphology detector).
+    p : somaflow.params.RunParams
+
+    Returns
+    -------
+    units, traces : xarray.Dataset
+        As :func:`somaflow.extract.find_units` documents; units also carry
+        ``spatial_correlation`` and ``kind`` (``cnmf`` or ``morphology``).
+    """
+    from somaflow.assemble import footprints_from_masks
+    from somaflow.detect.local_maxima import detect_local_maxima
+    from somaflow.preprocess.pipeline import trace_movie
+    from somaflow.traces import _window_frames, dff_rows
+
+    cp = p.cnmf
+    ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
+    movie = trace_movie(corrected, p.preprocess)
+    fit = cnmf(movie, cp, fps=p.fps, scratch_url=scratch_url)
+    A = fit.footprints
+    masks = masks_from_footprints(A, (ny, nx), cp.mask_fraction)
+    area = masks.reshape(len(masks), -1).sum(axis=1)
+    r2 = math.pi * cp.neuron_radius**2
+    ok = (area >= cp.min_area_fraction * r2) & (area <= cp.max_area_fraction * r2)
+    A, masks, rval = A[np.flatnonzero(ok)], masks[ok], fit.spatial_corr[ok]
+    kind = ["cnmf"] * A.shape[0]
+    extra_score: list[float] = []
+    if cp.add_silent:
+        lm = detect_local_maxima(images, p.detect)
+        lm_masks = np.asarray(lm["masks"].values, bool)
+        covered = masks.reshape(len(masks), -1).astype(np.float32)
+        cand = lm_masks.reshape(len(lm_masks), -1).astype(np.float32)
+        inter = cand @ covered.T if len(covered) else np.zeros((len(cand), 0))
+        frac = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
+        new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(cand), bool)
+        if new.any():
+            add_masks = lm_masks[new]
+            fp = footprints_from_masks(xr.DataArray(add_masks, dims=("unit", "y", "x")), images["mean_image"]).values
+            A = sp.vstack([A, sp.csr_matrix(fp.reshape(len(fp), -1))]).tocsr()
+            masks = np.concatenate([masks, add_masks])
+            kind += ["morphology"] * int(new.sum())
+            extra_score = [float(s) for s in np.asarray(lm["score"].values)[new]]
+            rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
+    raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
+    from somaflow.oasis import deconvolve  # lazily: numpy-only module
+
+    dec = deconvolve(raw, p.fps)
+    tp = p.traces
+    window = _window_frames(tp.baseline_window_s * p.fps, raw.shape[1])
+    F = raw + under
+    dff = dff_rows(F, F, window=window, percentile=tp.baseline_percentile,
+                   samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
+    snr = _snr(ndimage.uniform_filter1d(raw, 3, axis=-1)) * math.sqrt(3) if raw.shape[0] else np.zeros(0)
+    snr = np.where(np.isfinite(snr), snr, 0)
+    n = A.shape[0]
+    kind_arr = np.array(kind, dtype=object).astype(str)
+    is_cnmf = kind_arr == "cnmf"
+    s_snr = snr / (snr + cp.min_snr)
+    s_r = np.clip(np.nan_to_num(rval, nan=0.0), 0, 1)
+    score = np.where(is_cnmf, 0.5 * s_snr + 0.5 * s_r, 0.0)
+    accepted = is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
+    if extra_score:
+        score[~is_cnmf] = extra_score
+        accepted[~is_cnmf] = True
+    fp_dense = np.zeros((n, ny * nx), np.float32)
+    if n:
+        fp_dense[:] = A.toarray()
+    units = xr.Dataset({
+        "masks": (("unit", "y", "x"), masks.astype(bool)),
+        "footprints": (("unit", "y", "x"), fp_dense.reshape(n, ny, nx)),
+        "score": ("unit", np.clip(score, 0, 1).astype(np.float32)),
+        "accepted": ("unit", accepted.astype(bool)),
+        "spatial_correlation": ("unit", np.asarray(rval, np.float32)),
+        "kind": ("unit", kind_arr),
+    }, attrs={"n_seeds": int(fit.seeds.sizes["seed"])})
+    traces = xr.Dataset({
+        "traces": (("unit", "frame"), np.asarray(dec.calcium, np.float32).reshape(n, -1)),
+        "dff": (("unit", "frame"), dff.astype(np.float32)),
+        "spikes": (("unit", "frame"), np.asarray(dec.spikes, np.float32).reshape(n, -1)),
+        "snr": ("unit", snr.astype(np.float32)),
+        "raw": (("unit", "frame"), raw.astype(np.float32)),
+    })
+    return units, traces
