@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[100, 101, 102],
                     help="seeds (default 100-102: not the seeds the tests and tuning use)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["local-maxima"],
+                    help="extraction methods to compare (somaflow run --method)")
     ap.add_argument("--params", default=None, help="YAML overrides, as somaflow run --params")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", action="store_true")
@@ -49,21 +51,21 @@ def main() -> None:
     rows = []
     print(f"machine: {machine()}", file=sys.stderr)
     with dask_client("local", args.workers):
-        for preset in args.presets:
-            for seed in args.seeds:
+        for method, preset, seed in ((mt, pr, sd) for mt in args.methods for pr in args.presets for sd in args.seeds):
+            if True:
                 sim_dir = os.path.join(workdir, f"{preset}-{seed}")
                 sim = simulate(preset, seed=seed)
                 if not os.path.exists(os.path.join(sim_dir, "meta.json")):
                     write_simulation(sim, sim_dir, overwrite=True)
                 m = sim.meta
-                p = RunParams.for_movie(m["fps"], m["modality"], m["neuron_radius"], overrides,
-                                        shape=tuple(m["shape"]))
-                out = os.path.join(sim_dir, "result.zarr")
+                p = RunParams.for_movie(m["fps"], m["modality"], m["neuron_radius"],
+                                        {**overrides, "method": method}, shape=tuple(m["shape"]))
+                out = os.path.join(sim_dir, f"result-{method}.zarr")
                 t0 = time.perf_counter()
                 summary = session_flow(os.path.join(sim_dir, "movie.tif"), out, p, overwrite=True)
                 seconds = time.perf_counter() - t0
                 ev = evaluate(out, os.path.join(sim_dir, "ground_truth.zarr"))
-                row = {"preset": preset, "seed": seed, "f1": ev["f1"], "precision": ev["precision"],
+                row = {"method": method, "preset": preset, "seed": seed, "f1": ev["f1"], "precision": ev["precision"],
                        "recall": ev["recall"], "caiman_f1": ev["caiman"]["f1"],
                        "trace_corr": ev["trace_correlation"]["median"], "n_pred": ev["n_pred"],
                        "n_true": ev["n_true"], "seconds": round(seconds, 1),
@@ -71,17 +73,21 @@ def main() -> None:
                 rows.append(row)
                 if not args.json:
                     tc = row["trace_corr"]
-                    print(f"{preset:12s} seed {seed:4d}  F1 {row['f1']:.3f}  P {row['precision']:.3f}  "
+                    print(f"{method:12s} {preset:12s} seed {seed:4d}  F1 {row['f1']:.3f}  P {row['precision']:.3f}  "
                           f"R {row['recall']:.3f}  CaImAn F1 {row['caiman_f1']:.3f}  trace r "
                           f"{tc if tc is None else round(tc, 3)}  {row['n_pred']}/{row['n_true']} units  "
                           f"{row['seconds']} s ({row['fps']} frames/s)", flush=True)
     if args.json:
         print(json.dumps(rows))
         return
-    print("mean F1 per preset:")
-    for preset in args.presets:
-        f1s = [r["f1"] for r in rows if r["preset"] == preset]
-        print(f"  {preset:12s} {statistics.mean(f1s):.3f}  (n={len(f1s)})")
+    print("mean F1 per method and preset:")
+    for method in args.methods:
+        for preset in args.presets:
+            f1s = [r["f1"] for r in rows if r["preset"] == preset and r["method"] == method]
+            tcs = [r["trace_corr"] for r in rows if r["preset"] == preset and r["method"] == method
+                   and r["trace_corr"] is not None]
+            print(f"  {method:12s} {preset:12s} F1 {statistics.mean(f1s):.3f}  trace r "
+                  f"{statistics.median(tcs) if tcs else float('nan'):.3f}  (n={len(f1s)})")
 
 
 if __name__ == "__main__":
