@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from somaflow.detect.local_maxima import LocalMaximaParams
 from somaflow.errors import InputError, ParameterError
 from somaflow.extract.cnmf import CnmfParams
+from somaflow.extract.pca_ica import PcaIcaParams
 from somaflow.io import stores
 from somaflow.preprocess.pipeline import PreprocessParams
 from somaflow.preprocess.summary import SummaryParams
@@ -54,6 +55,7 @@ class RunParams(BaseModel):
     summary: SummaryParams
     detect: LocalMaximaParams
     cnmf: CnmfParams
+    pca_ica: PcaIcaParams
     traces: TraceParams
 
     @classmethod
@@ -86,6 +88,7 @@ class RunParams(BaseModel):
             "summary": SummaryParams.for_movie(fps, modality, r).model_dump(),
             "detect": LocalMaximaParams.for_movie(fps, modality, r).model_dump(),
             "cnmf": CnmfParams.for_movie(fps, modality, r).model_dump(),
+            "pca_ica": PcaIcaParams.for_movie(fps, modality, r).model_dump(),
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
         }
         merged = _merge(base, overrides or {})

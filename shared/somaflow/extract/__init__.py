@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
 
 #: the methods ``somaflow run --method`` accepts
-METHODS: tuple[str, ...] = ("local-maxima", "cnmf")
+METHODS: tuple[str, ...] = ("local-maxima", "cnmf", "pca-ica")
 
 
 def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
@@ -58,4 +58,10 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
         from somaflow.extract.cnmf import cnmf_units
 
         return cnmf_units(corrected, images, p)
+    if p.method == "pca-ica":
+        from somaflow.extract.pca_ica import pca_ica
+        from somaflow.preprocess.pipeline import trace_movie
+
+        return pca_ica(corrected, p.pca_ica, trace_params=p.traces,
+                       trace_movie=trace_movie(corrected, p.preprocess))
     raise ParameterError(f"unknown method {p.method!r}; use one of {', '.join(METHODS)}.")
