@@ -59,7 +59,7 @@ import math
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import dask
 import dask.array as da
@@ -99,10 +99,13 @@ class CnmfParams(BaseModel):
     merge_correlation: float = Field(0.8, ge=-1, le=1, description="trace correlation to merge overlapping components")
     mask_fraction: float = Field(0.3, gt=0, lt=1, description="mask = footprint above this fraction of its max")
     min_area_fraction: float = Field(0.25, ge=0, description="smallest mask area (pi r^2)")
-    max_area_fraction: float = Field(4.0, gt=0, description="largest mask area (pi r^2)")
+    max_area_fraction: float = Field(2.2, gt=0, description="largest mask area (pi r^2): wider is not one soma")
     min_snr: float = Field(3.0, ge=0, description="accepted units reach this peak SNR")
     min_spatial_correlation: float = Field(0.5, ge=-1, le=1, description="accepted units' spatial correlation")
     add_silent: bool = Field(True, description="add morphology-detector units no CNMF unit covers")
+    priority: Literal["cnmf", "morphology"] = Field(
+        "cnmf", description="which mask wins where a CNMF and a morphology unit overlap"
+    )
     seeds: SeedParams = SeedParams()
 
     @classmethod
@@ -188,7 +191,7 @@ def cnmf(
         schema.write_dataset(ds.drop_vars(list(ds.coords)), fit_url, overwrite=True)
         fit_movie = xr.open_zarr(stores.filesystem(fit_url)[0].get_mapper(stores.filesystem(fit_url)[1]),
                                  consolidated=False)["movie"]
-        images = _fit_images(fit_movie)
+        images = _fit_images(fit_movie, params.neuron_radius)
         seeds = find_seeds(fit_movie, images, params.seeds)
         pts = np.stack([seeds["y"].values, seeds["x"].values], axis=1) if seeds.sizes["seed"] else np.zeros((0, 2), int)
         pnr = seeds["pnr"].values
@@ -230,11 +233,31 @@ def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple
     return out
 
 
-def _fit_images(movie: xr.DataArray) -> xr.Dataset:
+def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
+    """Summary images (correlation, PNR, ...) of the fit movie, spatially band-passed
+    when ``r > 0`` (Gaussian of r/4 minus Gaussian of 2r, as CNMF-E filters before
+    computing them: single pixels are too noisy and neuropil too smooth)."""
     from somaflow.preprocess.summary import SummaryParams, summary_images
 
-    imgs = summary_images(movie, SummaryParams()).compute()
-    return imgs
+    if r > 0:
+        movie = bandpass_movie(movie, r)
+    return summary_images(movie, SummaryParams()).compute()
+
+
+def bandpass_movie(movie: xr.DataArray, r: float) -> xr.DataArray:
+    """Per-frame difference of Gaussians (σ = r/4 minus σ = 2r), lazily, any chunking."""
+    small, large = max(r / 4, 0.5), 2 * r
+    depth = int(math.ceil(4 * large))
+
+    def filt(b: np.ndarray) -> np.ndarray:
+        b = np.asarray(b, np.float32)
+        return (ndimage.gaussian_filter(b, (0, small, small)) - ndimage.gaussian_filter(b, (0, large, large)))
+
+    data = movie.data if isinstance(movie.data, da.Array) else da.from_array(np.asarray(movie), chunks=(64, -1, -1))
+    depth_y = min(depth, data.shape[1] - 1) if len(data.chunks[1]) > 1 else 0
+    depth_x = min(depth, data.shape[2] - 1) if len(data.chunks[2]) > 1 else 0
+    out = da.map_overlap(filt, data, depth={0: 0, 1: depth_y, 2: depth_x}, boundary="reflect", dtype=np.float32)
+    return xr.DataArray(out, dims=movie.dims, attrs=dict(movie.attrs))
 
 
 # ----------------------------------------------------------------------------- one patch
@@ -676,11 +699,20 @@ def cnmf_units(
     if cp.add_silent:
         lm = detect_local_maxima(images, p.detect)
         lm_masks = np.asarray(lm["masks"].values, bool)
-        covered = masks.reshape(len(masks), -1).astype(np.float32)
+        mine = masks.reshape(len(masks), -1).astype(np.float32)
         cand = lm_masks.reshape(len(lm_masks), -1).astype(np.float32)
-        inter = cand @ covered.T if len(covered) else np.zeros((len(cand), 0))
-        frac = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
-        new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(cand), bool)
+        inter = cand @ mine.T if len(mine) else np.zeros((len(cand), 0))
+        if cp.priority == "morphology" and inter.size:
+            # a CNMF unit overlapping a morphology unit is that cell: keep the morphology mask
+            frac_c = inter / np.maximum(mine.sum(axis=1)[None, :], 1)
+            frac_m = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
+            same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
+            A, masks, rval = A[np.flatnonzero(~same)], masks[~same], rval[~same]
+            kind = ["cnmf"] * A.shape[0]
+            new = np.ones(len(cand), bool)
+        else:
+            frac = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
+            new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(cand), bool)
         if new.any():
             add_masks = lm_masks[new]
             fp = footprints_from_masks(xr.DataArray(add_masks, dims=("unit", "y", "x")), images["mean_image"]).values
