@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,3 +135,41 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def make_movie(tmp_path_factory):
+    """Factory of small simulated sessions: ``make_movie(seed, n_frames=100, preset="2p-small")``.
+
+    Writes ``movie.tif``, ``ground_truth.zarr`` and ``meta.json`` once per
+    (preset, seed, n_frames) and returns the folder (a Path).
+    """
+    from somaflow.simulate import simulate, write_simulation
+
+    root = tmp_path_factory.mktemp("movies")
+    made: dict[tuple[str, int, int], Path] = {}
+
+    def make(seed: int, n_frames: int = 100, preset: str = "2p-small") -> Path:
+        key = (preset, seed, n_frames)
+        if key not in made:
+            out = root / f"{preset}-{seed}-{n_frames}"
+            write_simulation(simulate(preset, seed=seed, n_frames=n_frames), str(out))
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Kill a process started with ``start_new_session=True`` and all its children
+    (``SIGKILL`` after 30 s if ``sig`` did not end it)."""
+    for s in (sig, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, s)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(30)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -64,40 +64,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from somaflow.runtime import configure_prefect_env
+    from somaflow.runtime import check_cluster_option, configure_prefect_env
 
     configure_prefect_env(debug=args.debug)
+    check_cluster_option(args.cluster, args.cluster_spec)
+    from somaflow import provenance
     from somaflow.errors import ResultExistsError
     from somaflow.io import stores
-    from somaflow.params import RunParams, load_params_file
-    from somaflow.runtime import dask_client
+    from somaflow.params import load_params_file
+    from somaflow.runtime import console_progress, dask_client
 
     if args.inference != "local":
         raise ParameterError(
             "--inference: only 'local' (in-process models) is available in this version. Drop the option."
         )
-    if stores.exists(args.out) and not args.overwrite:
-        raise ResultExistsError(
-            f"{stores.normalize_url(args.out)} already exists. Pass --overwrite to replace it, or choose another --out."
-        )
     overrides = load_params_file(args.params) if args.params else {}
-    ingest_over = overrides.get("ingest", {}) if isinstance(overrides.get("ingest"), dict) else {}
-    dataset = args.dataset or ingest_over.get("dataset")
-    axes = args.axes or ingest_over.get("axes", "tyx")
-    overrides.setdefault("ingest", {})
-    overrides["ingest"] = {**ingest_over, "dataset": dataset, "axes": axes}
-    if args.method:
-        overrides["method"] = args.method
+    from somaflow_flows.session import session_flow, session_params, stage_outputs
 
-    from somaflow_flows.session import resolve_movie_info, session_flow
+    params = session_params(args.input, fps=args.fps, modality=args.modality,
+                            neuron_radius=args.neuron_radius, overrides=overrides, method=args.method,
+                            dataset=args.dataset, axes=args.axes)
 
-    fps, modality, shape = resolve_movie_info(args.input, args.fps, args.modality, dataset, axes)
-    params = RunParams.for_movie(fps, modality, args.neuron_radius, overrides, shape=shape)
+    out = stores.normalize_url(args.out)
+    if not args.overwrite:
+        plan = provenance.plan_run(args.input, out, params.model_dump(mode="json"),
+                                   movie_url=stage_outputs(out)["ingest"][0])
+        if plan.status == "done":
+            summary = provenance.result_summary(out)
+            if not args.json:
+                print(f"{out}: already done (skipped): complete for the same input, parameters and "
+                      "somaflow version; pass --overwrite to recompute", file=sys.stderr)
+            _emit(args, {**summary, "seconds": 0.0, "frames_per_second": None}, _format_run)
+            return 0
+        if plan.status == "stale":
+            raise ResultExistsError(
+                f"{out} already exists, computed from other inputs, parameters or somaflow version. "
+                "Pass --overwrite to replace it, or choose another --out."
+            )
     t0 = time.perf_counter()
-    with dask_client(args.cluster, args.workers) as client:
-        if not args.json:
-            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        summary = session_flow(args.input, args.out, params, overwrite=args.overwrite)
+    with console_progress(), dask_client(args.cluster, args.workers, spec_file=args.cluster_spec) as client:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        summary = session_flow(args.input, out, params, overwrite=args.overwrite)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["frames_per_second"] = round(summary["n_frames"] / max(summary["seconds"], 1e-9), 1)
     _emit(args, summary, _format_run)
@@ -105,10 +112,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _format_run(d: dict[str, Any]) -> str:
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in d["timings"].items())
-    return (f"result: {d['result']}\n"
-            f"units: {d['n_units']} ({d['n_accepted']} accepted) over {d['n_frames']} frames\n"
-            f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
+    statuses = d.get("stages", {})
+    stages = ", ".join(f"{k} {v:.1f}s" + (" (skipped)" if statuses.get(k) == "skipped" else "")
+                       for k, v in d["timings"].items())
+    head = f"result: {d['result']}" + (" (already done: skipped)" if d.get("status") == "skipped" else "")
+    lines = [head, f"units: {d['n_units']} ({d['n_accepted']} accepted) over {d['n_frames']} frames"]
+    if d.get("status") != "skipped":
+        lines.append(f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
+    return "\n".join(lines)
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from somaflow.runtime import check_cluster_option, configure_prefect_env
+
+    configure_prefect_env(debug=args.debug)
+    check_cluster_option(args.cluster, args.cluster_spec)
+    if args.concurrency < 1:
+        raise ParameterError(f"--concurrency must be at least 1, got {args.concurrency}.")
+    from somaflow.manifest import read_manifest
+
+    read_manifest(args.manifest)  # a bad manifest fails here, before any server or cluster starts
+    from somaflow_flows.archive import archive_flow, format_summary
+
+    from somaflow.runtime import console_progress
+
+    with console_progress(bars=False):
+        summary = archive_flow(
+            args.manifest, args.out, fps=args.fps, modality=args.modality,
+            neuron_radius=args.neuron_radius, params_file=args.params, method=args.method,
+            concurrency=args.concurrency, overwrite=args.overwrite, cluster=args.cluster,
+            workers=args.workers, cluster_spec=args.cluster_spec,
+        )
+    _emit(args, summary, format_summary)
+    return 1 if summary["counts"].get("failed") else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -131,6 +167,17 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], fmt: Any) -> None:
         print(json.dumps(data, default=str))
     else:
         print(fmt(data))
+
+
+def _cluster_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--cluster", default="local", metavar="local|threads|kubernetes|ADDRESS",
+                   help="'local' (worker processes sized to the machine, default), 'threads', "
+                        "'kubernetes' (dask-kubernetes operator) or tcp://HOST:PORT of a running scheduler")
+    s.add_argument("--cluster-spec", metavar="VALUES.yaml",
+                   help="Kubernetes cluster description for --cluster kubernetes: the chart's values.yaml "
+                        "(its dask: section) or the same keys at top level (default: built-in)")
+    s.add_argument("--workers", type=int,
+                   help="workers of a local cluster (default: one per core) or of a Kubernetes cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,15 +217,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides of any stage parameter")
     s.add_argument("--method", choices=list(METHODS),
                    help=f"source extraction method (default {METHODS[0]})")
-    s.add_argument("--cluster", default="local", metavar="local|threads|ADDRESS",
-                   help="'local' (worker processes, default), 'threads', or tcp://HOST:PORT")
-    s.add_argument("--workers", type=int, help="workers of a local cluster (default: one per core)")
+    _cluster_options(s)
     s.add_argument("--inference", default="local", metavar="local", help="where CNN models run (default: in-process)")
     s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input")
     s.add_argument("--axes", metavar="ORDER", help="input axis order (default tyx)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing result")
+    s.add_argument("--overwrite", action="store_true",
+                   help="recompute every stage and replace an existing result (without it: a result "
+                        "complete for the same input and parameters is skipped, an interrupted run "
+                        "resumes, a result for other parameters is an error)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "archive", help="process many sessions (a manifest or a glob) as one Prefect flow",
+        description="Process many sessions as one Prefect flow on one Dask cluster. Each session's "
+                    "result is PREFIX/SESSION.zarr; a session whose result is complete for the same "
+                    "input and parameters is skipped, an interrupted one resumes. One session's failure "
+                    "does not stop the others. Prints a table (done / skipped / failed with the reason) "
+                    "and writes it to PREFIX/archive_summary.json. Exit status: 0 when every session is "
+                    "done or skipped, 1 when any failed, 2 for a bad manifest or options.",
+        epilog="MANIFEST: a YAML list of mappings or a CSV with columns session, movie, fps, modality "
+               "and optionally neuron_radius and params (YAML: an inline mapping of parameter "
+               "overrides; CSV: the path of a parameter file); relative movie paths are taken from "
+               "the manifest's folder. Or a quoted glob ('raw/*.tif') with --fps/--modality for all; "
+               "the session id is the file name without its extension.")
+    s.add_argument("manifest", metavar="MANIFEST", help="YAML/CSV manifest, or a glob of movie files")
+    s.add_argument("--out", required=True, metavar="PREFIX", help="folder or URL prefix of the results")
+    s.add_argument("--fps", type=float, help="frame rate for sessions whose manifest row gives none")
+    s.add_argument("--modality", choices=["2p", "1p"], help="modality for sessions whose row gives none")
+    s.add_argument("--neuron-radius", type=float, metavar="PX", help="soma radius for rows that give none")
+    s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides for every session (a row's own win)")
+    s.add_argument("--method", choices=list(METHODS), help=f"source extraction method (default {METHODS[0]})")
+    s.add_argument("--concurrency", type=int, default=2, metavar="N",
+                   help="sessions in flight at once (default 2); they share one Dask cluster")
+    _cluster_options(s)
+    s.add_argument("--overwrite", action="store_true", help="recompute every session from scratch")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    s.set_defaults(func=cmd_archive)
 
     s = sub.add_parser("evaluate", help="score a result against ground truth")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")

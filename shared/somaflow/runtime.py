@@ -1,4 +1,5 @@
-"""Process-level set-up for the CLI: Prefect's environment and the Dask cluster.
+"""Process-level set-up for the CLI and the flows: Prefect's environment, the Dask
+cluster, and progress on the console.
 
 The library itself never starts clusters or servers; the CLI and the flows do,
 through these helpers.
@@ -9,12 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from somaflow.errors import ParameterError, StoreError
 
 log = logging.getLogger(__name__)
+
+#: logger of the stage start/end lines the CLI prints on stderr
+PROGRESS_LOGGER = "somaflow.progress"
 
 #: environment defaults that keep Prefect's ephemeral mode offline, quiet and patient
 PREFECT_DEFAULTS = {
@@ -25,6 +33,12 @@ PREFECT_DEFAULTS = {
     "PREFECT_LOGGING_TO_API_ENABLED": "false",
 }
 
+#: the ``--cluster`` values besides a scheduler address
+CLUSTER_KINDS = ("local", "threads", "kubernetes")
+
+#: scheduler task states that still have work ahead of them
+_PENDING_STATES = frozenset({"waiting", "processing", "queued", "no-worker"})
+
 
 def configure_prefect_env(debug: bool = False) -> None:
     """Set Prefect defaults in ``os.environ`` unless the user set them already.
@@ -34,6 +48,9 @@ def configure_prefect_env(debug: bool = False) -> None:
     reused between runs (its first start takes ~25 s on 2 cores). Without
     ``debug`` Prefect's console logs are limited to CRITICAL: a failing task
     must not print a traceback — the CLI prints the one-line error.
+
+    With ``PREFECT_API_URL`` set (``prefect server start`` or Prefect Cloud),
+    every run and every worker reports to that one server instead.
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if debug else "CRITICAL")
     for key, value in PREFECT_DEFAULTS.items():
@@ -49,23 +66,53 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def check_cluster_option(cluster: str, spec_file: str | None = None) -> None:
+    """Validate ``--cluster`` / ``--cluster-spec`` before anything starts.
+
+    Raises
+    ------
+    ParameterError
+        Unknown cluster kind, or a spec file for a cluster that takes none.
+    """
+    if cluster not in CLUSTER_KINDS and not cluster.startswith(("tcp://", "tls://")):
+        raise ParameterError(
+            f"unknown --cluster {cluster!r}. Use 'local', 'threads', 'kubernetes' or a scheduler "
+            "address tcp://HOST:PORT."
+        )
+    if spec_file and cluster != "kubernetes":
+        raise ParameterError("--cluster-spec describes a Kubernetes cluster; pass it with --cluster kubernetes.")
+
+
+def _quiet_distributed() -> None:
+    if not log.isEnabledFor(logging.DEBUG):
+        # Prefect's logging config lets distributed's INFO chatter through to the console
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                     "distributed.http.proxy", "distributed.worker", "distributed.deploy.adaptive"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def dask_client(cluster: str = "local", workers: int | None = None,
-                memory_limit: str | None = None) -> Iterator[object]:
+                memory_limit: str | None = None, spec_file: str | None = None) -> Iterator[Any]:
     """Start or connect to a Dask cluster and make it the default scheduler.
 
     Parameters
     ----------
     cluster : str
         ``"local"`` — a ``LocalCluster`` of worker processes with one thread
-        each (torch and BLAS stay single-threaded per worker);
-        ``"threads"`` — an in-process threaded cluster (tests, ``memory://``);
-        ``"tcp://HOST:PORT"`` — an existing scheduler.
+        each (torch and BLAS stay single-threaded per worker), sized to the
+        machine; ``"threads"`` — an in-process threaded cluster (tests,
+        ``memory://``); ``"tcp://HOST:PORT"`` — an existing scheduler;
+        ``"kubernetes"`` — a ``DaskCluster`` created through the dask-kubernetes
+        operator from ``spec_file`` (see :mod:`somaflow.kube`), deleted on exit.
     workers : int, optional
-        Worker count for ``local``/``threads`` (default: one per core).
+        Worker count for ``local``/``threads`` (default: one per core) and
+        ``kubernetes`` (default: the spec's).
     memory_limit : str, optional
         Per-worker memory limit for ``local`` (e.g. ``"2GiB"``; default: an even
         share of the machine).
+    spec_file : str, optional
+        Values file of the Kubernetes cluster (``kubernetes`` only).
 
     Yields
     ------
@@ -73,13 +120,10 @@ def dask_client(cluster: str = "local", workers: int | None = None,
     """
     from distributed import Client, LocalCluster
 
-    n = workers or default_workers()
-    if not log.isEnabledFor(logging.DEBUG):
-        # Prefect's logging config lets distributed's INFO chatter through to the console
-        for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
-                     "distributed.http.proxy", "distributed.worker"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if cluster == "local" or cluster == "threads":
+    check_cluster_option(cluster, spec_file)
+    _quiet_distributed()
+    if cluster in ("local", "threads"):
+        n = workers or default_workers()
         processes = cluster == "local"
         kw = {"memory_limit": memory_limit} if memory_limit else {}
         with LocalCluster(
@@ -88,7 +132,15 @@ def dask_client(cluster: str = "local", workers: int | None = None,
         ) as lc, Client(lc) as client:
             log.info("local Dask cluster with %d workers; dashboard %s", n, client.dashboard_link)
             yield client
-    elif cluster.startswith(("tcp://", "tls://")):
+    elif cluster == "kubernetes":
+        from somaflow import kube
+
+        spec = kube.load_kube_spec(spec_file)
+        if workers:
+            spec = spec.model_copy(update={"workers": workers})
+        with kube.start_cluster(spec) as kc, Client(kc) as client:
+            yield client
+    else:
         try:
             client = Client(cluster, timeout="20s")
         except (OSError, TimeoutError) as exc:
@@ -97,7 +149,124 @@ def dask_client(cluster: str = "local", workers: int | None = None,
             ) from exc
         with client:
             yield client
-    else:
-        raise ParameterError(
-            f"unknown --cluster {cluster!r}. Use 'local', 'threads' or a scheduler address tcp://HOST:PORT."
-        )
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _ProgressState:
+    """Process-wide switch of the console progress bars (set by :func:`console_progress`)."""
+
+    bars = False
+    stream: TextIO | None = None
+
+
+def progress_logger() -> logging.Logger:
+    """The logger flows write stage start/end lines to (no handler unless the CLI adds one)."""
+    return logging.getLogger(PROGRESS_LOGGER)
+
+
+@contextlib.contextmanager
+def console_progress(stream: TextIO | None = None, bars: bool | None = None) -> Iterator[None]:
+    """Print progress lines (and, on a terminal, Dask progress bars) on ``stream``.
+
+    Parameters
+    ----------
+    stream : file, optional
+        Where to print; default ``sys.stderr`` (stdout stays machine-readable
+        under ``--json``).
+    bars : bool, optional
+        Show a progress bar of the Dask tasks of each stage; default: when
+        ``stream`` is a terminal.
+    """
+    stream = stream or sys.stderr
+    logger = progress_logger()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _ProgressState.bars = stream.isatty() if bars is None else bars
+    _ProgressState.stream = stream
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+        _ProgressState.bars = False
+        _ProgressState.stream = None
+
+
+def _scheduler_backlog(dask_scheduler: Any) -> int:
+    """Tasks on the scheduler that have not finished yet (runs on the scheduler)."""
+    return sum(1 for ts in dask_scheduler.tasks.values() if ts.state in _PENDING_STATES)
+
+
+def bar_fraction(backlog: int, peak: int) -> float:
+    """Fraction done of a stage whose task backlog peaked at ``peak`` and is now ``backlog``."""
+    if peak <= 0:
+        return 0.0
+    return min(1.0, max(0.0, (peak - backlog) / peak))
+
+
+@contextlib.contextmanager
+def _task_bar(label: str, interval: float = 0.5) -> Iterator[None]:
+    """A rich progress bar over the scheduler's backlog while the block runs."""
+    from distributed import default_client
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        client = default_client()
+    except ValueError:  # no distributed client: nothing to watch
+        yield
+        return
+    stop = threading.Event()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tasks]}"),
+                        TimeElapsedColumn(), console=Console(file=_ProgressState.stream), transient=True)
+    bar = progress.add_task(escape(label), total=1.0, tasks="")
+
+    def poll() -> None:
+        peak = 0
+        while not stop.wait(interval):
+            try:
+                backlog = int(client.run_on_scheduler(_scheduler_backlog))
+            except Exception:  # the cluster went away; the stage itself will report it
+                return
+            peak = max(peak, backlog)
+            progress.update(bar, completed=bar_fraction(backlog, peak),
+                            tasks=f"{peak - backlog}/{peak} tasks" if peak else "")
+
+    thread = threading.Thread(target=poll, daemon=True)
+    with progress:
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+@contextlib.contextmanager
+def stage_progress(session: str, stage: str) -> Iterator[None]:
+    """Report a stage's start and end (with elapsed time) on the progress logger.
+
+    With bars enabled (a terminal), a progress bar of the stage's Dask tasks is
+    shown while it runs. A failing stage is reported as failed and re-raised.
+    """
+    plog = progress_logger()
+    plog.info("[%s] %s: started", session, stage)
+    t0 = time.perf_counter()
+    try:
+        if _ProgressState.bars:
+            with _task_bar(f"[{session}] {stage}"):
+                yield
+        else:
+            yield
+    except BaseException:
+        plog.info("[%s] %s: failed after %.1f s", session, stage, time.perf_counter() - t0)
+        raise
+    plog.info("[%s] %s: done in %.1f s", session, stage, time.perf_counter() - t0)
