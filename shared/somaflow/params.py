@@ -49,7 +49,7 @@ class RunParams(BaseModel):
     fps: float = Field(gt=0, description="frame rate of the input movie (Hz)")
     modality: str = Field(pattern="^(2p|1p)$")
     neuron_radius: float = Field(gt=0, description="typical soma radius (pixels)")
-    method: str = Field("local-maxima", description="source extraction method (somaflow.extract.METHODS)")
+    method: str = Field("cnmf", description="source extraction method (somaflow.extract.METHODS; the first is the default)")
     ingest: IngestParams = IngestParams()
     preprocess: PreprocessParams
     summary: SummaryParams

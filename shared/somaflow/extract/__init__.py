@@ -19,8 +19,9 @@ from somaflow.errors import ParameterError
 if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
 
-#: the methods ``somaflow run --method`` accepts
-METHODS: tuple[str, ...] = ("local-maxima", "cnmf", "pca-ica")
+#: the methods ``somaflow run --method`` accepts; the first is the default (measured best:
+#: benchmarks/bench_accuracy.py --methods cnmf local-maxima)
+METHODS: tuple[str, ...] = ("cnmf", "local-maxima", "pca-ica")
 
 
 def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
