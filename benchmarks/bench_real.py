@@ -83,7 +83,7 @@ def main() -> None:
                 sec = time.perf_counter() - t0
                 ev = evaluate(out, str(truth))
                 print(f"{method:14s} {ev['f1']:6.3f} {ev['precision']:6.3f} {ev['recall']:6.3f} "
-                      f"{ev['caiman']['f1']:9.3f} {ev['neurofinder']['f1']:6.3f} {ev['n_pred']:5d}  {sec:6.1f}",
+                      f"{ev['caiman']['f1']:9.3f} {ev['neurofinder']['combined']:6.3f} {ev['n_pred']:5d}  {sec:6.1f}",
                       flush=True)
             print(f"(ground truth: {ev['n_true']} human ROIs; Suite2p reference: see the README)")
         if not args.skip_miniscope:
