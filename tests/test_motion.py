@@ -222,10 +222,11 @@ def test_piecewise_accuracy_on_simulated_nonrigid_preset():
     est = shifts_at(ds, cy, cx).values  # (frame, 3, 3, axis) at the simulator's patch centres
     true = sim.patch_shifts
     # RMS over frames and patches after removing each patch's constant offset;
-    # the acceptance target is 0.25 px, the test allows 0.4 so it cannot flake
+    # the acceptance target is 0.25 px; measured 0.19 here (0.21-0.22 on seeds 100-102 at
+    # 300 frames, 0.24 before the whole-field refinement), the test allows 0.3 so it cannot flake
     per_patch = _rms(est, true)
     rigid_only = _rms(np.broadcast_to(ds["shifts"].values[:, None, None, :], true.shape), true)
-    assert per_patch < 0.4
+    assert per_patch < 0.3
     assert per_patch < 0.5 * rigid_only
     # the rigid part is the spatial mean of the field, as the simulator's shifts
     assert _rms(ds["shifts"].values, sim.shifts) < 0.2
