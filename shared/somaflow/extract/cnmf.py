@@ -70,14 +70,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from somaflow.errors import InputError
-from somaflow.extract.seeds import SeedParams, find_seeds
+from somaflow.extract.seeds import SeedParams, _noise, find_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_SIGMA = 1.4826
 
 
 class CnmfParams(BaseModel):
@@ -497,11 +496,6 @@ def _merge_local(A, C, support, keep_core, windows, params):  # type: ignore[no-
         newK.append(bool(keep_core[strongest]))
         newW.append(np.unique(np.concatenate([windows[i] for i in idx])))
     return (np.stack(newA, 1), np.stack(newC), np.stack(newS, 1), np.array(newK), newW)
-
-
-def _noise(x: np.ndarray) -> np.ndarray:
-    d = np.diff(x, axis=-1)
-    return np.maximum(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, -1, keepdims=True)), -1) / math.sqrt(2), 1e-9)
 
 
 def _snr(C: np.ndarray) -> np.ndarray:
