@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.io import stores
-from somaflow.params import load_params_file
+from somaflow.params import load_params_file, merge_overrides  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +210,3 @@ def with_defaults(s: SessionSpec, fps: float | None, modality: str | None,
                                 "neuron_radius": s.neuron_radius or neuron_radius})
 
 
-def merge_overrides(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested parameter overrides: ``over`` (a session's own) wins over ``base`` (everyone's)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_overrides(out[key], value)
-        else:
-            out[key] = value
-    return out

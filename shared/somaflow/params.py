@@ -13,6 +13,7 @@ Defaults derive from the movie's frame rate, modality and neuron radius
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -91,7 +92,7 @@ class RunParams(BaseModel):
             "pca_ica": PcaIcaParams.for_movie(fps, modality, r).model_dump(),
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
         }
-        merged = _merge(base, overrides or {})
+        merged = merge_overrides(base, overrides or {})
         if merged.get("method") not in METHODS:
             raise ParameterError(f"bad parameter method: {merged.get('method')!r} is not one of "
                                  f"{', '.join(METHODS)}. Fix it in --method or the --params file.")
@@ -103,11 +104,12 @@ class RunParams(BaseModel):
             raise ParameterError(f"bad parameter {where}: {first['msg']}. Fix it in the --params file.") from exc
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested parameter overrides: ``over`` wins over ``base``, mapping by mapping."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
