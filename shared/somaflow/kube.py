@@ -24,12 +24,10 @@ import copy
 import logging
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow import __version__
 from somaflow.errors import InputError, ParameterError
-from somaflow.io import stores
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +81,9 @@ def load_kube_spec(url: str | None = None) -> KubeSpec:
     """
     if url is None:
         return KubeSpec()
-    fs, path = stores.filesystem(url)
-    if not fs.exists(path):
-        raise InputError(f"cluster spec {url} does not exist. Pass an existing values file to --cluster-spec.")
-    with fs.open(path, "r") as fh:
-        try:
-            data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"cluster spec {url} is not valid YAML: {exc}") from exc
+    from somaflow.params import read_yaml
+
+    data = read_yaml(url, "cluster spec", "Pass an existing values file to --cluster-spec.")
     if isinstance(data, dict) and isinstance(data.get("dask"), dict):
         data = data["dask"]
     if not isinstance(data, dict):

@@ -115,6 +115,25 @@ def merge_overrides(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[st
     return out
 
 
+def read_yaml(url: str, what: str, fix: str = "") -> Any:
+    """Parse the YAML file at ``url`` (any fsspec URL); empty files read as ``{}``.
+
+    Raises
+    ------
+    InputError
+        The file does not exist or is not YAML; ``what`` names it in the message
+        and ``fix`` is appended to the missing-file message.
+    """
+    fs, path = stores.filesystem(url)
+    if not fs.exists(path):
+        raise InputError(f"{what} {url} does not exist.{' ' + fix if fix else ''}")
+    with fs.open(path, "r") as fh:
+        try:
+            return yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{what} {url} is not valid YAML: {exc}") from exc
+
+
 def load_params_file(url: str) -> dict[str, Any]:
     """Read a YAML parameter file into a nested dict.
 
@@ -123,14 +142,7 @@ def load_params_file(url: str) -> dict[str, Any]:
     InputError
         The file is not YAML or its top level is not a mapping.
     """
-    fs, path = stores.filesystem(url)
-    if not fs.exists(path):
-        raise InputError(f"parameter file {url} does not exist.")
-    with fs.open(path, "r") as fh:
-        try:
-            data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"parameter file {url} is not valid YAML: {exc}") from exc
+    data = read_yaml(url, "parameter file")
     if not isinstance(data, dict):
         raise InputError(f"parameter file {url} must hold a mapping of stage -> parameters.")
     return data
