@@ -27,6 +27,7 @@ run computes exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ from prefect.runtime import flow_run
 
 from somaflow import provenance, runtime
 from somaflow.assemble import assemble_result
+from somaflow.classify.cnet import classify_units
 from somaflow.errors import ResultExistsError
 from somaflow.extract import find_units
 from somaflow.io import schema, stores
@@ -61,6 +63,7 @@ def stage_outputs(out_url: str) -> dict[str, list[str]]:
         "motion": [stores.join(w, "corrected.zarr"), stores.join(w, "motion.zarr")],
         "summary": [stores.join(w, "summary.zarr"), stores.join(w, "images.zarr")],
         "extract": [stores.join(w, "units.zarr"), stores.join(w, "traces.zarr")],
+        "classify": [stores.join(w, "verdict.zarr")],
         "write": [stores.normalize_url(out_url)],
     }
 
@@ -155,6 +158,17 @@ def extract_stage(corrected_url: str, images: xr.Dataset, p: RunParams, out_url:
         schema.write_dataset(_tagged(units, stage_hash), units_url, overwrite=True)
         schema.write_dataset(_tagged(traces, stage_hash), traces_url, overwrite=True)
     return units, traces
+
+
+@task(name="classify")
+def classify_stage(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset, p: RunParams,
+                   out_url: str | None = None, stage_hash: str | None = None) -> xr.Dataset:
+    """The classifier's per-unit verdict (``cnn_score``, ``score``, ``accepted``);
+    written to ``verdict.zarr`` when ``out_url`` is given."""
+    verdict = classify_units(units, traces, images, p.classify)
+    if out_url is not None:
+        schema.write_dataset(_tagged(verdict, stage_hash), stage_outputs(out_url)["classify"][0], overwrite=True)
+    return verdict
 
 
 @task(name="write-result")
@@ -279,6 +293,15 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     units, traces = (schema.open_result(u) for u in outputs["extract"])  # lazy: streamed into the result
 
     images = det_images.assign(mean_image=plain_images["mean_image"], max_image=plain_images["max_image"])
+    stages.run("classify", hashes["classify"], outputs["classify"], classify_stage, units, traces, images,
+               params, out_url=out_url, stage_hash=hashes["classify"])
+    verdict = schema.open_result(outputs["classify"][0]).load()
+    units = units.assign(score=verdict["score"], accepted=verdict["accepted"])
+    if params.classify.classifier != "none":
+        units = units.assign(cnn_score=verdict["cnn_score"])
+    warnings = [*json.loads(units.attrs.get("ood_warnings", "[]")), *json.loads(verdict.attrs.get("ood_warnings", "[]"))]
+    for w in warnings:
+        plog.warning("[%s] out of distribution: %s", name, w)
     record = {
         "stage_hash": hashes["write"],
         "provenance": {
@@ -292,6 +315,7 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
             "stages": dict(stages.records),
             "flow_run_id": str(run_id) if run_id else None,
         },
+        "ood_warnings": json.dumps(warnings),
     }
     stages.run("write", None, [], write_stage, out_url, movie_url, images, units, traces, motion, params,
                stages.timings(), overwrite or plan.status == "incomplete", record)
@@ -304,6 +328,7 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         "timings": stages.timings(),
         "stages": stages.statuses(),
         "flow_run_id": str(run_id) if run_id else None,
+        "ood_warnings": warnings,
     }
 
 

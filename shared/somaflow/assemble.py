@@ -94,6 +94,10 @@ def assemble_result(
     for extra in ("std_image", "pnr_image"):
         if extra in images:
             variables[extra] = images[extra].astype(np.float32)
+    if "cnn_score" in units:
+        variables["cnn_score"] = units["cnn_score"].astype(np.float32)
+    if "cnn_probability" in units:
+        variables["cnn_probability"] = units["cnn_probability"].astype(np.float32)
     attrs = {"motion_corrected": shifts is not None}
     attrs.update(extra_attrs or {})
     return make_result_dataset(

@@ -79,6 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--inference: only 'local' (in-process models) is available in this version. Drop the option."
         )
     overrides = load_params_file(args.params) if args.params else {}
+    if args.classifier:
+        from somaflow.params import merge_overrides
+
+        overrides = merge_overrides(overrides, {"classify": {"classifier": args.classifier}})
     from somaflow_flows.session import session_flow, session_params, stage_outputs
 
     params = session_params(args.input, fps=args.fps, modality=args.modality,
@@ -119,6 +123,7 @@ def _format_run(d: dict[str, Any]) -> str:
     lines = [head, f"units: {d['n_units']} ({d['n_accepted']} accepted) over {d['n_frames']} frames"]
     if d.get("status") != "skipped":
         lines.append(f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
+    lines += [f"warning: out of distribution: {w}" for w in d.get("ood_warnings") or []]
     return "\n".join(lines)
 
 
@@ -145,6 +150,31 @@ def cmd_archive(args: argparse.Namespace) -> int:
         )
     _emit(args, summary, format_summary)
     return 1 if summary["counts"].get("failed") else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from somaflow.nn.recipes import train_model
+
+    if args.threads is None:
+        args.threads = max(1, os.cpu_count() or 1)
+    logging.getLogger("somaflow").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    summary = train_model(
+        args.model, args.out, data=args.data or ["simulator"], init=args.init, presets=args.presets,
+        seeds=args.seeds, epochs=args.epochs, lr=args.lr, n_frames=args.frames, max_seconds=args.max_seconds,
+        threads=args.threads, fps=args.fps, neuron_radius=args.neuron_radius, seed=args.seed,
+    )
+    _emit(args, summary, _format_train)
+    return 0
+
+
+def _format_train(d: dict[str, Any]) -> str:
+    m = d["metrics"]
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+             if k.startswith("val_") or k in ("threshold", "train_loss", "epochs")}
+    return (f"wrote {d['out']}: {d['model']} trained on {d['n_examples']} examples in {d['seconds']} s\n"
+            + "\n".join(f"  {k}: {v}" for k, v in shown.items()))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -217,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides of any stage parameter")
     s.add_argument("--method", choices=list(METHODS),
                    help=f"source extraction method (default {METHODS[0]})")
+    s.add_argument("--classifier", choices=["none", "3cnet", "3cnet-plus"],
+                   help="cell/not-cell CNN folded into score and accepted (default none)")
     _cluster_options(s)
     s.add_argument("--inference", default="local", metavar="local", help="where CNN models run (default: in-process)")
     s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input")
@@ -254,6 +286,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="recompute every session from scratch")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_archive)
+
+    s = sub.add_parser(
+        "train", help="train or fine-tune a CNN (detector or classifier) and write its checkpoint",
+        description="Train MODEL on simulated sessions and/or labelled real data and write a safetensors "
+                    "checkpoint (weights + training recipe, metrics, input statistics). With --init, "
+                    "fine-tune: start from existing weights ('default' = the shipped ones) at a lower "
+                    "learning rate. Use the checkpoint with `somaflow run --params` "
+                    "(cnn: {weights: {MODEL: FILE}} or classify: {weights: FILE}).",
+        epilog="--data: 'simulator' (the recipe's presets and seeds), a folder with movie.tif + regions.json "
+               "(Neurofinder labels), or a result zarr whose `accepted` a person curated; repeatable.")
+    s.add_argument("model", choices=["stneuronet", "convnet2p1d", "unet2d", "meanimage2d", "3cnet",
+                                     "3cnet-plus", "lstm"], metavar="MODEL",
+                   help="stneuronet | convnet2p1d | unet2d | meanimage2d | 3cnet | 3cnet-plus | lstm")
+    s.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write (.safetensors)")
+    s.add_argument("--data", action="append", metavar="SOURCE", help="training data (default: simulator)")
+    s.add_argument("--init", metavar="WEIGHTS", help="fine-tune from these weights ('default': the shipped ones)")
+    s.add_argument("--presets", nargs="+", metavar="PRESET", help="simulator presets (default: the recipe's)")
+    s.add_argument("--seeds", nargs="+", type=int, metavar="N", help="simulator seeds (default: the recipe's)")
+    s.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    s.add_argument("--lr", type=float, help="learning rate (default: the recipe's; lower with --init)")
+    s.add_argument("--frames", type=int, help="simulated frames per session (default: the preset's)")
+    s.add_argument("--max-seconds", type=float, help="stop training after this long")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    s.add_argument("--fps", type=float, default=7.0, help="frame rate of labelled folders (default 7)")
+    s.add_argument("--neuron-radius", type=float, default=5.0, help="soma radius of labelled folders, px")
+    s.add_argument("--seed", type=int, default=0, help="seed of crops, split and initial weights")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="score a result against ground truth")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from somaflow.classify.cnet import ClassifyParams
+from somaflow.detect.cnn import CnnParams
 from somaflow.detect.local_maxima import LocalMaximaParams
 from somaflow.errors import InputError, ParameterError
 from somaflow.extract.cnmf import CnmfParams
@@ -57,6 +59,8 @@ class RunParams(BaseModel):
     detect: LocalMaximaParams
     cnmf: CnmfParams
     pca_ica: PcaIcaParams
+    cnn: CnnParams
+    classify: ClassifyParams = ClassifyParams()
     traces: TraceParams
 
     @classmethod
@@ -90,6 +94,8 @@ class RunParams(BaseModel):
             "detect": LocalMaximaParams.for_movie(fps, modality, r).model_dump(),
             "cnmf": CnmfParams.for_movie(fps, modality, r).model_dump(),
             "pca_ica": PcaIcaParams.for_movie(fps, modality, r).model_dump(),
+            "cnn": CnnParams.for_movie(fps, modality, r).model_dump(),
+            "classify": ClassifyParams().model_dump(),
             "traces": TraceParams.for_movie(fps, modality, r).model_dump(),
         }
         merged = merge_overrides(base, overrides or {})

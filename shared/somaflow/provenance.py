@@ -33,7 +33,7 @@ from somaflow.io import schema, stores
 log = logging.getLogger(__name__)
 
 #: the stages of ``somaflow run``, in order; each is skipped when its output is current
-STAGES: tuple[str, ...] = ("ingest", "motion", "summary", "extract", "write")
+STAGES: tuple[str, ...] = ("ingest", "motion", "summary", "extract", "classify", "write")
 
 #: parameter groups each stage reads (top-level keys of ``RunParams.model_dump()``);
 #: ``None`` means every group but ``ingest`` (extraction parameters keep growing)
@@ -42,6 +42,7 @@ STAGE_PARAMETERS: dict[str, tuple[str, ...] | None] = {
     "motion": ("preprocess.motion",),
     "summary": ("fps", "modality", "neuron_radius", "preprocess", "summary"),
     "extract": None,
+    "classify": ("classify",),
     "write": None,
 }
 
@@ -60,8 +61,8 @@ def _digest(payload: Any) -> str:
 
 
 def _select(params: Mapping[str, Any], keys: tuple[str, ...] | None) -> dict[str, Any]:
-    if keys is None:
-        return {k: v for k, v in params.items() if k != "ingest"}
+    if keys is None:  # everything a stage may read; the classifier's settings only matter from "classify" on
+        return {k: v for k, v in params.items() if k not in ("ingest", "classify")}
     out: dict[str, Any] = {}
     for key in keys:
         value: Any = params

@@ -16,12 +16,15 @@ import xarray as xr
 
 from somaflow.errors import ParameterError
 
+#: the CNN detectors (somaflow.detect.cnn.DETECTORS; listed here so that choosing a method needs no torch)
+DETECTORS: tuple[str, ...] = ("stneuronet", "convnet2p1d", "unet2d", "meanimage2d")
+
 if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
 
 #: the methods ``somaflow run --method`` accepts; the first is the default (measured best:
 #: benchmarks/bench_accuracy.py --methods cnmf local-maxima)
-METHODS: tuple[str, ...] = ("cnmf", "local-maxima", "pca-ica")
+METHODS: tuple[str, ...] = ("cnmf", "local-maxima", "pca-ica", "stneuronet", "convnet2p1d", "unet2d", "meanimage2d")
 
 
 def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
@@ -47,12 +50,18 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
     ParameterError
         ``p.method`` is not one of :data:`METHODS`.
     """
-    if p.method == "local-maxima":
-        from somaflow.detect.local_maxima import detect_local_maxima
+    if p.method == "local-maxima" or p.method in DETECTORS:
         from somaflow.preprocess.pipeline import trace_movie
         from somaflow.traces import extract_traces
 
-        units = detect_local_maxima(images, p.detect)
+        if p.method == "local-maxima":
+            from somaflow.detect.local_maxima import detect_local_maxima
+
+            units = detect_local_maxima(images, p.detect)
+        else:
+            from somaflow.detect.cnn import detect_cnn
+
+            units = detect_cnn(corrected, images, p.method, p.cnn, p.neuron_radius)
         traces = extract_traces(trace_movie(corrected, p.preprocess), units["masks"], p.traces).compute()
         return units, traces
     if p.method == "cnmf":

@@ -364,10 +364,11 @@ def compute_template(movie: xr.DataArray, p: MotionParams) -> xr.DataArray:
     idx = np.unique(np.round(np.linspace(0, n_frames - 1, min(p.template_frames, n_frames))))
     idx = idx.astype(np.int64)
     data = movie.data
-    subset = data[idx]
-    subset = np.asarray(subset.compute() if isinstance(subset, da.Array) else subset)
-    template = np.mean(subset, axis=0, dtype=np.float64).astype(np.float32)
-    # the subset is in memory; dask still spreads its frame chunks over the workers
+    subset = data[idx] if isinstance(data, da.Array) else da.from_array(np.asarray(data[idx]))
+    # persisted once: on a distributed cluster the frames stay on the workers and every
+    # template round refers to them (a few keys) instead of shipping them in its graph
+    subset = subset.rechunk({0: 32, 1: -1, 2: -1}).persist()
+    template = np.asarray(subset.mean(axis=0, dtype=np.float64).compute(), np.float32)
     frames = xr.DataArray(subset, dims=("frame", "y", "x"))
     iterations = p.template_iterations if p.mode != "none" else 0
     for it in range(iterations):

@@ -1,0 +1,131 @@
+"""The 3CNet cell / not-cell verdict, folded into any method's ``score`` and ``accepted``.
+
+Every unit becomes a 92×92×2 candidate (its footprint image around the
+centroid, and its trace; :func:`candidate_inputs`), the classifier gives the
+probability that it is a cell, and:
+
+* ``cnn_score`` (unit) holds that probability;
+* ``score`` becomes the geometric mean of the method's score and ``cnn_score``;
+* ``accepted`` requires ``cnn_score >= threshold`` as well as the method's own
+  quality tests.
+
+The same :func:`candidate_inputs` builds the training examples
+(:func:`somaflow.nn.data.simulated_candidate_set`), so what the classifier sees
+at inference is what it was trained on. torch is not imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field
+
+from somaflow.inference import get_backend
+
+log = logging.getLogger(__name__)
+
+CLASSIFIERS = ("none", "3cnet", "3cnet-plus")
+
+
+class ClassifyParams(BaseModel):
+    """Settings of the classification stage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    classifier: str = Field("none", description=f"one of {', '.join(CLASSIFIERS)}; 'none' keeps the method's verdict")
+    weights: str = Field("default", description="checkpoint path/URL, or 'default' for the shipped weights")
+    threshold: float = Field(0.5, gt=0, lt=1, description="cell probability needed to accept a unit")
+    inference: str = Field("local", description="where the model runs: 'local' (in-process CPU)")
+    ood_check: bool = Field(True, description="warn when the candidates look unlike the training data")
+
+    def model_post_init(self, __context: object) -> None:
+        if self.classifier not in CLASSIFIERS:
+            from somaflow.errors import ParameterError
+
+            raise ParameterError(f"classify.classifier {self.classifier!r} is not one of {', '.join(CLASSIFIERS)}.")
+
+
+def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
+                     model: str) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The classifier's input for every unit.
+
+    Parameters
+    ----------
+    units : xarray.Dataset
+        ``masks`` (unit, y, x), and ``footprints`` when the method has them
+        (otherwise the mean image inside a dilated mask stands in).
+    traces : xarray.Dataset
+        ``dff`` (unit, frame).
+    images : xarray.Dataset
+        ``mean_image`` (y, x).
+    model : {"3cnet", "3cnet-plus"}
+
+    Returns
+    -------
+    ndarray (unit, 2, 92, 92), or tuple of (unit, 1, 92, 92) and (unit, 512)
+        float32.
+    """
+    from somaflow.nn.data import candidate_examples
+
+    masks = np.asarray(units["masks"].values, bool)
+    dff = np.asarray(traces["dff"].values, np.float32)
+    if "footprints" in units:
+        rois = np.asarray(units["footprints"].values, np.float32)
+    else:
+        mean = np.asarray(images["mean_image"].values, np.float32)
+        rois = np.stack([_masked_image(mean, m) for m in masks]) if len(masks) else np.zeros_like(masks, np.float32)
+    x, vec, _ = candidate_examples(rois, masks, dff, fps=float(traces.attrs.get("fps", 10.0)))
+    if model == "3cnet-plus":
+        return x[:, :1], vec
+    return x
+
+
+def _masked_image(mean: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(mask, iterations=2)
+    return np.where(near, mean - np.median(mean), 0).astype(np.float32)
+
+
+def classify_units(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
+                   p: ClassifyParams) -> xr.Dataset:
+    """Per-unit classifier verdict and the updated ``score`` and ``accepted``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``cnn_score``, ``score``, ``accepted`` (unit); attrs ``classifier``
+        (JSON: model, weights, threshold) and ``ood_warnings`` (JSON list).
+        With ``classifier="none"`` the method's own ``score`` and
+        ``accepted`` pass through and ``cnn_score`` is NaN.
+    """
+    n = units.sizes["unit"]
+    score = (np.asarray(units["score"].values, np.float32) if "score" in units
+             else np.ones(n, np.float32))
+    accepted = np.asarray(units["accepted"].values, bool) if "accepted" in units else np.ones(n, bool)
+    cnn = np.full(n, np.nan, np.float32)
+    warnings: list[str] = []
+    if p.classifier != "none" and n:
+        backend = get_backend(p.inference)
+        x = candidate_inputs(units, traces, images, p.classifier)
+        cnn = backend.predict(p.classifier, p.weights, x)
+        score = np.sqrt(np.clip(score, 0, 1) * cnn).astype(np.float32)
+        accepted = accepted & (cnn >= p.threshold)
+        log.info("%s: %d of %d units judged cells", p.classifier, int((cnn >= p.threshold).sum()), n)
+        if p.ood_check:
+            from somaflow.nn.data import out_of_distribution
+
+            meta = backend.metadata(p.classifier, p.weights)
+            stats = meta.get("input_stats")
+            stats = json.loads(stats) if isinstance(stats, str) else (stats or {})
+            now = {"n_frames": int(traces.sizes["frame"]),
+                   "median_trace_snr": float(np.nanmedian(traces["snr"].values)) if "snr" in traces else None}
+            warnings = out_of_distribution({k: v for k, v in now.items() if v is not None}, stats)
+    ds = xr.Dataset({"cnn_score": ("unit", cnn), "score": ("unit", score), "accepted": ("unit", accepted)},
+                    coords={"unit": units["unit"].values})
+    ds.attrs["classifier"] = json.dumps({"model": p.classifier, "weights": p.weights, "threshold": p.threshold})
+    ds.attrs["ood_warnings"] = json.dumps(warnings)
+    return ds

@@ -1,0 +1,198 @@
+"""CNN detectors: STNeuroNet, the (2+1)D ConvNet and its mean-image variant, the 2D U-Net.
+
+:func:`detect_cnn` turns a corrected movie (or its summary images) into units
+with the same schema as every other method. The networks run through an
+:class:`~somaflow.inference.InferenceBackend` (in-process CPU by default), so
+this module does not import torch.
+
+* ``stneuronet`` — the movie is background-compensated, whitened and binned
+  (:mod:`somaflow.nn.data`), cut into non-overlapping batches of
+  ``batch_frames``; each batch gives a probability map (one Dask task per
+  batch, tiled in space), masks per batch (threshold, watershed, minimum
+  area), and the masks of all batches are fused (STNeuroNet's neuron fusion).
+* ``convnet2p1d`` — the same batches; the per-batch centroid probability maps
+  are averaged, thresholded into markers and grown on the correlation image
+  (Apthorpe's post-processing).
+* ``unet2d`` / ``meanimage2d`` — one forward pass on the summary images
+  (mean, max, correlation, PNR) or the mean image.
+
+Each checkpoint records the threshold chosen for the best F1 on its training
+data and the statistics of its training inputs; when this movie's statistics
+fall outside them the units carry an ``ood_warnings`` attr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field
+
+from somaflow.detect.postprocess import (
+    PostprocessParams,
+    fuse_batches,
+    masks_from_centroids,
+    probability_to_masks,
+    units_from_masks,
+)
+from somaflow.inference import get_backend, tiled
+from somaflow.nn.data import (
+    DetectorInputParams,
+    batch_plan,
+    detector_batch,
+    input_statistics,
+    mean_channel,
+    out_of_distribution,
+    pixel_statistics,
+    summary_channels,
+)
+
+log = logging.getLogger(__name__)
+
+#: detectors by input: a movie (time batches) or summary images
+MOVIE_DETECTORS = ("stneuronet", "convnet2p1d")
+IMAGE_DETECTORS = ("unet2d", "meanimage2d")
+DETECTORS = MOVIE_DETECTORS + IMAGE_DETECTORS
+#: radius (px) of the centroid disks the (2+1)D and mean-image ConvNets are trained on
+CENTROID_RADIUS = 4.0
+
+
+class CnnParams(BaseModel):
+    """CNN detection and classification settings of a run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inference: str = Field("local", description="where models run: 'local' (in-process CPU)")
+    weights: dict[str, str] = Field(
+        default_factory=dict,
+        description="model name -> checkpoint path/URL; models not listed use their shipped 'default' weights",
+    )
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="neuron-probability threshold (default: the checkpoint's, chosen for best "
+                                      "F1 on its training data)")
+    tile: int = Field(256, ge=32, description="spatial tile core size for inference (px)")
+    margin: int = Field(24, ge=0, description="context around each tile (px); ≥ the receptive-field radius")
+    input: DetectorInputParams
+    postprocess: PostprocessParams
+    classifier: str = Field("none", pattern="^(none|3cnet|3cnet-plus)$",
+                            description="cell/not-cell classifier folded into score and accepted")
+    classifier_threshold: float = Field(0.5, gt=0, lt=1, description="classifier probability needed to accept a unit")
+    ood_check: bool = Field(True, description="warn when the inputs look unlike the models' training data")
+
+    @classmethod
+    def for_movie(cls, fps: float, modality: str, neuron_radius: float) -> CnnParams:
+        """Defaults for a movie; distances scale with ``neuron_radius`` (px)."""
+        post = PostprocessParams.for_movie(fps, modality, neuron_radius)
+        # the centroid-mode models learn 4-px disks whatever the neuron size (Apthorpe et al.;
+        # somaflow.nn.data.centroid_target)
+        post = post.model_copy(update={"marker_radius": CENTROID_RADIUS,
+                                       "min_marker_area": 0.25 * np.pi * CENTROID_RADIUS**2})
+        return cls(input=DetectorInputParams.for_movie(fps, modality, neuron_radius), postprocess=post)
+
+    def weights_for(self, model: str) -> str:
+        """The weights reference of ``model``."""
+        return self.weights.get(model, "default")
+
+
+def _threshold(p: CnnParams, meta: dict[str, Any]) -> float:
+    if p.threshold is not None:
+        return p.threshold
+    metrics = _json(meta.get("metrics"))
+    return float(metrics.get("threshold", 0.5)) if isinstance(metrics, dict) else 0.5
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _predict_image(model: str, weights: str, x: np.ndarray, p: CnnParams) -> np.ndarray:
+    backend = get_backend(p.inference)
+    return tiled(lambda b: backend.predict(model, weights, b), x[None], tile=p.tile, margin=p.margin)[0]
+
+
+def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) -> np.ndarray:
+    """(T, H, W) whitened batch -> (H, W) probability, tiled in space."""
+    backend = get_backend(p.inference, threads=1)
+    return tiled(lambda b: backend.predict(model, weights, b), batch[None, None],
+                 tile=p.tile, margin=p.margin)[0]
+
+
+def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
+                stats: xr.Dataset, p: CnnParams) -> np.ndarray:
+    block = np.asarray(movie.data[start:stop], np.float32)
+    if hasattr(block, "compute"):
+        block = block.compute()
+    batch = detector_batch(block, stats, p.input)
+    pad = -batch.shape[0] % p.input.pad_multiple
+    if pad:  # zero = the whitened resting level
+        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
+    return _predict_batch(model, weights, batch, p)
+
+
+def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParams,
+               neuron_radius: float) -> xr.Dataset:
+    """Units found by the CNN detector ``method``.
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x) motion-corrected movie, dask-backed (not loaded).
+    images : xarray.Dataset
+        Summary images (``mean_image``, ``max_image``, ``correlation_image``,
+        ``pnr_image``), (y, x).
+    method : str
+        One of :data:`DETECTORS`.
+    p : CnnParams
+    neuron_radius : float
+        Soma radius (px), for the out-of-distribution check.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``masks`` (unit, y, x) bool, ``score``, ``accepted`` (unit), and
+        ``cnn_probability`` (y, x); attrs ``ood_warnings`` (JSON list) and
+        ``cnn`` (model, weights, threshold).
+    """
+    if method not in DETECTORS:
+        raise ValueError(f"unknown detector {method!r}; use one of {', '.join(DETECTORS)}")
+    weights = p.weights_for(method)
+    backend = get_backend(p.inference)
+    meta = backend.metadata(method, weights)
+    thr = _threshold(p, meta)
+    post = p.postprocess.model_copy(update={"threshold": thr})
+    if method in IMAGE_DETECTORS:
+        x = summary_channels(images) if method == "unet2d" else mean_channel(images)
+        prob = _predict_image(method, weights, x, p)
+        masks = probability_to_masks(prob, post)
+    else:
+        stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
+        starts = batch_plan(int(movie.sizes["frame"]), p.input)
+        tasks = [dask.delayed(_batch_task)(method, weights, movie, s, e, stats, p) for s, e in starts]
+        probs = list(dask.compute(*tasks))
+        log.info("%s: %d batches of %d frames", method, len(probs), p.input.batch_frames)
+        if method == "stneuronet":
+            masks = fuse_batches([probability_to_masks(q, post) for q in probs], post)
+            prob = np.max(probs, axis=0)
+        else:
+            prob = np.mean(probs, axis=0)
+            masks = masks_from_centroids(prob, np.asarray(images["mean_image"].values, np.float32), post)
+    units = units_from_masks(masks, prob)
+    warnings: list[str] = []
+    if p.ood_check:
+        now = input_statistics(movie if method in IMAGE_DETECTORS else stats, neuron_radius, movie=movie,
+                               masks=np.asarray(units["masks"].values, bool) if units.sizes["unit"] else None)
+        warnings = out_of_distribution(now, _json(meta.get("input_stats")) or {})
+        for w in warnings:
+            log.warning("%s: %s", method, w)
+    units.attrs["ood_warnings"] = json.dumps(warnings)
+    units.attrs["cnn"] = json.dumps({"model": method, "weights": weights, "threshold": thr})
+    return units

@@ -1,0 +1,528 @@
+"""Training recipes: which data, which settings, and how a checkpoint is made.
+
+:func:`train_model` is what ``somaflow train MODEL`` runs. A recipe names the
+simulator presets and seeds a model learns from (every preset with every
+seed), the crop sizes and the optimiser settings; the shipped default weights
+in ``somaflow/nn/weights/`` are exactly ``somaflow train MODEL --out
+shared/somaflow/nn/weights/MODEL.safetensors`` with the defaults below (see
+``benchmarks/train_weights.py``).
+
+Data sources (``--data``, repeatable):
+
+* ``simulator`` — the recipe's presets and seeds (generated on the fly);
+* a Neurofinder-style folder (``movie.tif`` + ``regions.json``) — real
+  labelled cells, for the detectors;
+* a result zarr whose ``accepted`` a person curated — real labels for the
+  classifiers (every unit is a candidate, ``accepted`` is its label) and for
+  the summary-image detectors (the accepted masks are the targets).
+
+Fine-tuning is the same command with ``--init`` (a checkpoint or
+``default``): training starts from those weights, with the recipe's
+fine-tuning learning rate, and records both data recipes.
+
+Detectors also get their probability threshold chosen for the best mean F1
+on validation sessions (seeds the model did not train on; or the real
+sessions themselves, when given), as STNeuroNet does; it is stored in the
+checkpoint's ``metrics`` and used at inference unless overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from somaflow.errors import InputError, ParameterError
+
+log = logging.getLogger(__name__)
+
+TWO_P = ("2p-small", "2p-dense", "2p-lowsnr")
+ONE_P = ("1p-small",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The default data and settings of one model."""
+
+    presets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    val_seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    finetune_lr: float
+    crop: int = 64
+    n_crops: int = 32
+    batch_frames: int | None = None
+    n_frames: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+#: training seeds start at 1000: far from the tests' (0-30) and the held-out benchmark seeds (100-102)
+RECIPES: dict[str, Recipe] = {
+    "unet2d": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1008)),
+        (1100, 1101),
+        epochs=40,
+        batch_size=16,
+        lr=1e-3,
+        finetune_lr=2e-4,
+        n_crops=48,
+    ),
+    "meanimage2d": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1008)),
+        (1100, 1101),
+        epochs=40,
+        batch_size=16,
+        lr=1e-3,
+        finetune_lr=2e-4,
+        n_crops=48,
+    ),
+    "stneuronet": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1004)),
+        (1100,),
+        epochs=25,
+        batch_size=4,
+        lr=5e-4,
+        finetune_lr=1e-4,
+        crop=64,
+        n_crops=24,
+        batch_frames=32,
+    ),
+    "convnet2p1d": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1004)),
+        (1100,),
+        epochs=25,
+        batch_size=4,
+        lr=5e-4,
+        finetune_lr=1e-4,
+        crop=64,
+        n_crops=24,
+        batch_frames=32,
+    ),
+    "3cnet": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1006)),
+        (),
+        epochs=12,
+        batch_size=64,
+        lr=1e-3,
+        finetune_lr=2e-4,
+    ),
+    "3cnet-plus": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1006)),
+        (),
+        epochs=12,
+        batch_size=64,
+        lr=1e-3,
+        finetune_lr=2e-4,
+    ),
+    "lstm": Recipe(
+        TWO_P + ONE_P,
+        tuple(range(1000, 1006)),
+        (),
+        epochs=12,
+        batch_size=64,
+        lr=1e-3,
+        finetune_lr=2e-4,
+    ),
+}
+
+DETECTORS = ("stneuronet", "convnet2p1d", "unet2d", "meanimage2d")
+MOVIE_KINDS = ("stneuronet", "convnet2p1d")
+CLASSIFIERS = ("3cnet", "3cnet-plus", "lstm")
+
+
+@dataclass
+class Session:
+    """One full-size labelled session for threshold selection / real-data training."""
+
+    name: str
+    inputs: np.ndarray  # (C, H, W) image channels, or (T, H, W) detector movie
+    masks: np.ndarray  # (N, H, W) bool
+    image: np.ndarray | None  # (H, W) correlation image for centroid-mode post-processing
+    neuron_radius: float
+    stats: dict[str, Any]
+
+
+def _sim_session(kind: str, preset: str, seed: int, n_frames: int | None) -> Session:
+    from somaflow.nn import data
+
+    sim = data._simulate(preset, seed, n_frames, None)
+    movie = data._sim_movie(sim)
+    fps, modality, r = sim.meta["fps"], sim.meta["modality"], sim.meta["neuron_radius"]
+    masks = np.asarray(sim.masks, bool)
+    images = data.detection_summary_images(movie, fps, modality, r)
+    return _session(kind, f"{preset}:{seed}", movie, images, masks, fps, modality, r)
+
+
+def _session(
+    kind: str,
+    name: str,
+    movie: xr.DataArray,
+    images: xr.Dataset,
+    masks: np.ndarray,
+    fps: float,
+    modality: str,
+    r: float,
+) -> Session:
+    from somaflow.nn import data
+
+    pstats = data.pixel_statistics(movie)
+    if kind in MOVIE_KINDS:
+        inputs = data.detector_movie(
+            movie, pstats, data.DetectorInputParams.for_movie(fps, modality, r)
+        )
+    elif kind == "unet2d":
+        inputs = data.summary_channels(images)
+    else:
+        inputs = data.mean_channel(images)
+    stats = data.input_statistics(pstats, r, fps=fps, modality=modality, masks=masks, movie=movie)
+    return Session(
+        name, inputs, masks, np.asarray(images["mean_image"].values, np.float32), r, stats
+    )
+
+
+def _session_probability(model: Any, kind: str, s: Session, batch_frames: int) -> np.ndarray:
+    """Full-session probability: (H, W), or (batches, H, W) for the movie kinds."""
+    import torch
+
+    from somaflow.inference import tiled
+
+    def run(block: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model(torch.from_numpy(np.ascontiguousarray(block, np.float32)))
+        return torch.softmax(out, 1)[:, 1].numpy()
+
+    if kind not in MOVIE_KINDS:
+        return tiled(run, s.inputs[None], tile=256, margin=24)[0]
+    probs = []
+    T = s.inputs.shape[0]
+    for t0 in range(0, max(T - batch_frames // 2, 1), batch_frames):
+        b = s.inputs[t0 : t0 + batch_frames]
+        pad = -b.shape[0] % 4
+        if pad:
+            b = np.concatenate([b, np.zeros((pad,) + b.shape[1:], np.float32)])
+        probs.append(tiled(run, b[None, None], tile=256, margin=24)[0])
+    return np.stack(probs) if kind == "stneuronet" else np.mean(probs, axis=0)
+
+
+def _labelled_dirs(sources: Sequence[str]) -> list[str]:
+    from pathlib import Path
+
+    return [
+        s
+        for s in sources
+        if s != "simulator" and Path(s).is_dir() and (Path(s) / "regions.json").exists()
+    ]
+
+
+def _result_sources(sources: Sequence[str]) -> list[str]:
+    return [s for s in sources if s != "simulator" and s not in _labelled_dirs(sources)]
+
+
+def train_model(
+    model_name: str,
+    out: str,
+    *,
+    data: Sequence[str] = ("simulator",),
+    init: str | None = None,
+    presets: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    n_frames: int | None = None,
+    max_seconds: float | None = None,
+    threads: int | None = None,
+    fps: float = 7.0,
+    neuron_radius: float = 5.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train (or fine-tune) ``model_name`` and write its checkpoint to ``out``.
+
+    Parameters
+    ----------
+    model_name : str
+        A key of :data:`RECIPES`.
+    out : str
+        Checkpoint path or URL (``.safetensors``); written atomically.
+    data : sequence of str
+        ``"simulator"``, Neurofinder-style folders, curated result zarrs.
+    init : str, optional
+        Start from these weights (``"default"`` = the shipped ones): fine-tuning.
+    presets, seeds, epochs, lr, n_frames : optional
+        Override the recipe.
+    max_seconds : float, optional
+        Stop training after this long (s).
+    threads : int, optional
+        torch CPU threads.
+    fps, neuron_radius : float
+        Frame rate (Hz) and soma radius (px) of the Neurofinder folders.
+    seed : int
+        Seed of the crops, the split and the initial weights.
+
+    Returns
+    -------
+    dict
+        ``model``, ``out``, ``n_examples``, ``metrics`` (validation figures,
+        ``threshold`` for detectors), ``seconds``.
+    """
+    from somaflow.nn import build_model, load_checkpoint, save_checkpoint
+    from somaflow.nn import data as nd
+    from somaflow.nn.train import TrainParams, train_classifier, train_detector, train_lstm
+
+    if model_name not in RECIPES:
+        raise ParameterError(f"unknown model {model_name!r}; use one of {', '.join(RECIPES)}.")
+    recipe = RECIPES[model_name]
+    if not data:
+        raise ParameterError(
+            "no training data: pass --data simulator and/or labelled folders / result zarrs."
+        )
+    presets = tuple(presets or recipe.presets)
+    seeds = tuple(seeds if seeds is not None else recipe.seeds)
+    t0 = time.perf_counter()
+    if init is not None:
+        from somaflow.inference import weights_path
+
+        model, init_meta = load_checkpoint(weights_path(model_name, init))
+        config = (
+            json.loads(init_meta.get("config", "{}"))
+            if isinstance(init_meta.get("config"), str)
+            else dict(init_meta.get("config") or {})
+        )
+    else:
+        config = dict(recipe.config)
+        import torch
+
+        torch.manual_seed(seed)
+        model = build_model(model_name, **config)
+        init_meta = None
+    params = TrainParams(
+        epochs=epochs or recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=lr or (recipe.finetune_lr if init else recipe.lr),
+        seed=seed,
+        threads=threads,
+        max_seconds=max_seconds,
+    )
+    rng = np.random.default_rng(seed)
+    use_sim = "simulator" in data
+    dirs, results = _labelled_dirs(data), _result_sources(data)
+    training: dict[str, Any] = {
+        "data": list(data),
+        "presets": list(presets) if use_sim else [],
+        "seeds": list(seeds) if use_sim else [],
+        "n_frames": n_frames or recipe.n_frames,
+        "init": init,
+        "params": params.model_dump(),
+        "recipe": model_name,
+    }
+    metrics: dict[str, Any] = {}
+    session_stats: list[dict[str, Any]] = []
+
+    if model_name in DETECTORS:
+        movie_input = model_name in MOVIE_KINDS
+        xs, ys = [], []
+        if use_sim:
+            x, y, st = nd.simulated_detector_set(
+                model_name,
+                presets,
+                seeds,
+                crop=recipe.crop,
+                n_crops=recipe.n_crops,
+                rng=rng,
+                n_frames=n_frames or recipe.n_frames,
+                batch_frames=recipe.batch_frames,
+            )
+            xs.append(x)
+            ys.append(y)
+            session_stats += st
+        real: list[Session] = []
+        for d in dirs:
+            ls = nd.neurofinder_set(d, fps=fps, neuron_radius=neuron_radius)
+            real.append(
+                _session(
+                    model_name,
+                    d,
+                    ls.movie,
+                    ls.images,
+                    ls.masks,
+                    ls.fps,
+                    ls.modality,
+                    ls.neuron_radius,
+                )
+            )
+        for url in results:
+            real.append(_result_session(model_name, url))
+        for s in real:
+            session_stats.append(s.stats)
+            x, y = _real_crops(model_name, s, recipe, rng)
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise InputError(
+                "no detector training examples: --data gave no simulator and no labelled sessions."
+            )
+        X, Y = np.concatenate(xs), np.concatenate(ys)
+        log.info("%s: %d examples %s", model_name, len(X), X.shape[1:])
+        hist = train_detector(model, X, Y, params, movie_input=movie_input)
+        metrics.update(hist.final())
+        # threshold for the best mean F1 on sessions the model did not train on (or the real ones)
+        val = (
+            [
+                _sim_session(model_name, p, s, n_frames or recipe.n_frames)
+                for p in presets
+                for s in recipe.val_seeds
+            ]
+            if use_sim
+            else []
+        )
+        val += real
+        from somaflow.detect.postprocess import (
+            PostprocessParams,
+            choose_threshold,
+            threshold_scores,
+        )
+
+        if val:
+            model.eval()
+            probs = [
+                _session_probability(model, model_name, s, recipe.batch_frames or 120) for s in val
+            ]
+            r = float(np.median([s.neuron_radius for s in val]))
+            modality = val[0].stats.get("modality") or "2p"
+            post = PostprocessParams.for_movie(10.0, modality, r)
+            imgs = [s.image for s in val] if model_name in ("convnet2p1d", "meanimage2d") else None
+            thr = choose_threshold(probs, [s.masks for s in val], post, images=imgs)
+            f1 = threshold_scores(probs, [s.masks for s in val], post, [thr], images=imgs)[0]
+            metrics.update(
+                threshold=thr, val_session_f1=float(f1), val_sessions=[s.name for s in val]
+            )
+        n_examples = len(X)
+    else:
+        cands = []
+        if use_sim:
+            cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames or recipe.n_frames)
+            cands.append(
+                (cs.images, cs.traces, cs.windows, cs.active if model_name == "lstm" else cs.labels)
+            )
+            for s in cs.sessions:
+                session_stats.append({"n_frames": s.get("n_frames"), "modality": s.get("modality")})
+        for url in results:
+            cands.append(_result_candidates(url, model_name))
+        if not cands:
+            raise InputError(
+                "no classifier examples: pass --data simulator and/or curated result zarrs."
+            )
+        images = np.concatenate([c[0] for c in cands])
+        vectors = np.concatenate([c[1] for c in cands])
+        windows = [w for c in cands for w in c[2]]
+        labels = np.concatenate([c[3] for c in cands]).astype(np.int64)
+        log.info("%s: %d candidates, %d positive", model_name, len(labels), int(labels.sum()))
+        if model_name == "lstm":
+            hist = train_lstm(model, nd.stack_windows(windows, 20), labels, params)
+        elif model_name == "3cnet":
+            hist = train_classifier(model, images, labels, params)
+        else:
+            hist = train_classifier(model, (images[:, :1], vectors), labels, params)
+        metrics.update(hist.final())
+        metrics["positive_fraction"] = float(labels.mean())
+        n_examples = len(labels)
+
+    input_stats = nd.summarize_statistics(session_stats) if session_stats else {}
+    if init_meta is not None:
+        training["init_training"] = init_meta.get("training")
+    meta = {"training": training, "metrics": metrics, "input_stats": input_stats}
+    save_checkpoint(model, out, model_name=model_name, config=config, metadata=meta, overwrite=True)
+    return {
+        "model": model_name,
+        "out": out,
+        "n_examples": int(n_examples),
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _real_crops(
+    kind: str, s: Session, recipe: Recipe, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    from somaflow.nn import data as nd
+
+    target = (
+        nd.centroid_target(s.masks)
+        if kind in ("convnet2p1d", "meanimage2d")
+        else nd.union_target(s.masks)
+    )
+    n = recipe.n_crops * 4  # a real session is larger than a simulated one
+    if kind in MOVIE_KINDS:
+        T = recipe.batch_frames or 120
+        xs, ys = [], []
+        for _ in range(n):
+            t0 = int(rng.integers(0, max(s.inputs.shape[0] - T, 0) + 1))
+            block = s.inputs[t0 : t0 + T]
+            if block.shape[0] < T:
+                block = np.concatenate(
+                    [block, np.zeros((T - block.shape[0],) + block.shape[1:], np.float32)]
+                )
+            x, y = nd.random_crops(block, target, recipe.crop, 1, rng)
+            xs.append(x)
+            ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+    return nd.random_crops(s.inputs, target, recipe.crop, n, rng)
+
+
+def _result_session(kind: str, url: str) -> Session:
+    """A curated result zarr as a labelled session (summary-image detectors only)."""
+    from somaflow.io import schema
+    from somaflow.nn import data as nd
+
+    if kind in MOVIE_KINDS:
+        raise InputError(
+            f"{url}: a result zarr holds no movie; train {kind} on Neurofinder-style folders "
+            "(movie.tif + regions.json) or the simulator."
+        )
+    ds = schema.open_result(url)
+    masks, accepted = nd.result_labels(url)
+    images = ds[
+        [v for v in ("mean_image", "max_image", "correlation_image", "pnr_image") if v in ds]
+    ].load()
+    if "pnr_image" not in images:
+        raise InputError(
+            f"{url} has no pnr_image; rerun it with this somaflow version to train unet2d on it."
+        )
+    r = float(json.loads(ds.attrs.get("params", "{}")).get("neuron_radius", 5.0))
+    inputs = nd.summary_channels(images) if kind == "unet2d" else nd.mean_channel(images)
+    stats = {"neuron_radius": r, "modality": ds.attrs.get("modality"), "fps": ds.attrs.get("fps")}
+    return Session(
+        url, inputs, masks[accepted], np.asarray(images["mean_image"].values, np.float32), r, stats
+    )
+
+
+def _result_candidates(
+    url: str, model_name: str
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Every unit of a curated result as a classifier example, labelled by ``accepted``."""
+    from somaflow.io import schema
+    from somaflow.nn import data as nd
+
+    ds = schema.open_result(url)
+    masks, accepted = nd.result_labels(url)
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    images, vectors, windows = nd.candidate_examples(
+        np.asarray(ds["footprints"].values, np.float32)[keep],
+        masks[keep],
+        np.asarray(ds["dff"].values, np.float32)[keep],
+        fps=float(ds.attrs["fps"]),
+    )
+    return images, vectors, windows, accepted[keep].astype(np.int64)
