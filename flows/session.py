@@ -165,7 +165,7 @@ def classify_stage(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset, p:
                    out_url: str | None = None, stage_hash: str | None = None) -> xr.Dataset:
     """The classifier's per-unit verdict (``cnn_score``, ``score``, ``accepted``);
     written to ``verdict.zarr`` when ``out_url`` is given."""
-    verdict = classify_units(units, traces, images, p.classify)
+    verdict = classify_units(units, traces, images, p.classify, modality=p.modality)
     if out_url is not None:
         schema.write_dataset(_tagged(verdict, stage_hash), stage_outputs(out_url)["classify"][0], overwrite=True)
     return verdict

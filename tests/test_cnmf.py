@@ -117,4 +117,33 @@ def test_find_units_cnmf_schema(sim, movie):
     assert (traces["spikes"].values >= 0).all()
     assert set(np.unique(units["kind"].values)) <= {"cnmf", "morphology"}
     res = evaluate(_truth(units["masks"].values[units["accepted"].values]), _truth(sim.masks), allow_offset=False)
-    assert res["f1"] >= 0.6, res
+    assert res["f1"] >= 0.7, res  # measured 0.78 (seed 11; before residual seeding and contrast: 0.77)
+
+
+def test_mask_contrast_separates_somata_from_flat_background():
+    rng = np.random.default_rng(4)
+    img = rng.normal(10.0, 0.2, (40, 40)).astype(np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    soma = (yy - 12) ** 2 + (xx - 12) ** 2 <= 16
+    img[soma] += 2.0
+    flat = (yy - 28) ** 2 + (xx - 28) ** 2 <= 16
+    con = C.mask_contrast(np.stack([soma, flat, np.zeros_like(soma)]), img, 4.0)
+    assert con[0] > 5 and abs(con[1]) < 1 and np.isnan(con[2])
+
+
+def test_residual_pnr_finds_a_hidden_transient():
+    rng = np.random.default_rng(5)
+    T, h, w, r = 200, 40, 40, 4.0
+    V = rng.normal(0, 1, (T, h, w)).astype(np.float32)
+    yy, xx = np.mgrid[:h, :w]
+    disk = ((yy - 20) ** 2 + (xx - 25) ** 2 <= r * r).astype(np.float32)
+    trace = np.zeros(T, np.float32)
+    trace[[50, 120]] = 6.0
+    trace = np.convolve(trace, np.exp(-np.arange(15) / 5.0))[:T].astype(np.float32)
+    V += trace[:, None, None] * disk[None]
+    img = C._residual_pnr(V.reshape(T, -1).T.copy(), (h, w), r)
+    pts = C._local_peaks(img, 8.0, 0.8 * r)
+    assert len(pts) >= 1 and np.hypot(*(pts[0] - [20, 25])) <= 2
+    # pure noise: nothing above the threshold
+    noise = rng.normal(0, 1, (T, h, w)).astype(np.float32)
+    assert len(C._local_peaks(C._residual_pnr(noise.reshape(T, -1).T.copy(), (h, w), r), 8.0, 0.8 * r)) == 0

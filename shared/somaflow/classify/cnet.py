@@ -91,7 +91,7 @@ def _masked_image(mean: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def classify_units(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
-                   p: ClassifyParams) -> xr.Dataset:
+                   p: ClassifyParams, *, modality: str | None = None) -> xr.Dataset:
     """Per-unit classifier verdict and the updated ``score`` and ``accepted``.
 
     Returns
@@ -121,9 +121,7 @@ def classify_units(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
             meta = backend.metadata(p.classifier, p.weights)
             stats = meta.get("input_stats")
             stats = json.loads(stats) if isinstance(stats, str) else (stats or {})
-            now = {"n_frames": int(traces.sizes["frame"]),
-                   "median_trace_snr": float(np.nanmedian(traces["snr"].values)) if "snr" in traces else None}
-            warnings = out_of_distribution({k: v for k, v in now.items() if v is not None}, stats)
+            warnings = out_of_distribution({"modality": modality}, stats)
     ds = xr.Dataset({"cnn_score": ("unit", cnn), "score": ("unit", score), "accepted": ("unit", accepted)},
                     coords={"unit": units["unit"].values})
     ds.attrs["classifier"] = json.dumps({"model": p.classifier, "weights": p.weights, "threshold": p.threshold})

@@ -27,7 +27,14 @@ Steps (:func:`cnmf`):
    window whose traces correlate with the seed trace above
    ``init_correlation``, weighted by their regression on it, the component
    that holds the seed; its rank-1 part removed from the residual before the
-   next seed), then ``iterations`` rounds of: background (``b0`` = temporal
+   next seed); then up to ``residual_rounds`` rounds of *residual seeding*
+   (CNMF-E's greedy initialisation): local maxima of the residual's
+   peak-to-noise image, band-passed at the soma scale (σ = r/2 minus σ = 1.5 r),
+   above ``residual_pnr`` and ``residual_spacing_radii · r`` apart, are
+   initialised the same way — in dense fields a neighbour hidden under a
+   brighter cell's blur only stands out once that cell is subtracted (2p
+   only: on the 1p enhanced movie the residue of bright cells' halos makes
+   fragments); then ``iterations`` rounds of: background (``b0`` = temporal
    mean of the residual, ``b f`` its leading singular vectors), temporal HALS
    (non-negative block coordinate descent on C), spatial HALS restricted to the
    initial footprint dilated by ``support_growth_radii · r`` (within its
@@ -44,7 +51,13 @@ Steps (:func:`cnmf`):
    footprint covers are added as components before step 5 (``add_silent``).
 7. **Quality** — per unit SNR (peak of the trace over its noise SD) and spatial
    correlation (footprint vs. the mean residual movie over the unit's active
-   frames); ``accepted`` needs both above ``min_snr`` / ``min_spatial_correlation``
+   frames) and anatomical ``contrast`` (:func:`mask_contrast`: the mask on the
+   mean image against a ring around it — a soma is brighter than its surround,
+   a neuropil fluctuation fitted as a component is not; measured on the tuning
+   movies it rejects most false CNMF units, which SNR and spatial correlation
+   do not separate); ``accepted`` needs all three above ``min_snr`` /
+   ``min_spatial_correlation`` / ``min_contrast``, and CNMF units below
+   ``min_contrast`` do not hide the morphology unit at the same place
    (morphology units: the detector's score). ``score`` in [0, 1].
 
 Masks are the footprint above ``mask_fraction`` × its maximum, the connected
@@ -96,11 +109,17 @@ class CnmfParams(BaseModel):
     init_smooth_radii: float = Field(0.3, ge=0, description="Gaussian smoothing for initialisation (r)")
     init_correlation: float = Field(0.4, ge=0, le=1, description="pixel-to-seed correlation for the initial footprint")
     merge_correlation: float = Field(0.8, ge=-1, le=1, description="trace correlation to merge overlapping components")
+    residual_rounds: int = Field(3, ge=0, le=10, description="rounds of seeding on the residual after the seeds")
+    residual_pnr: float = Field(8.0, ge=0, description="peak-to-noise of a residual seed (soma-scale band-pass)")
+    residual_spacing_radii: float = Field(0.8, gt=0, description="minimum spacing of residual seeds (r)")
     mask_fraction: float = Field(0.3, gt=0, lt=1, description="mask = footprint above this fraction of its max")
     min_area_fraction: float = Field(0.25, ge=0, description="smallest mask area (pi r^2)")
     max_area_fraction: float = Field(2.2, gt=0, description="largest mask area (pi r^2): wider is not one soma")
     min_snr: float = Field(3.0, ge=0, description="accepted units reach this peak SNR")
     min_spatial_correlation: float = Field(0.5, ge=-1, le=1, description="accepted units' spatial correlation")
+    min_contrast: float = Field(
+        0.5, description="accepted CNMF units stand out of the mean image: mask mean minus the mean of a ring "
+        "(1 px to r outside the mask), in SDs of the ring; a soma is brighter than its surround, neuropil is not")
     add_silent: bool = Field(True, description="add morphology-detector units no CNMF unit covers")
     priority: Literal["cnmf", "morphology"] = Field(
         "cnmf", description="which mask wins where a CNMF and a morphology unit overlap"
@@ -115,6 +134,9 @@ class CnmfParams(BaseModel):
             neuron_radius=r,
             patch_size=int(max(48, round(12 * r))),
             n_background=1 if modality == "2p" else 2,
+            # 1p: the enhanced movie keeps a residue of each bright cell's halo, which
+            # residual seeding turns into fragments (measured: mostly false positives)
+            residual_rounds=3 if modality == "2p" else 0,
             seeds=SeedParams.for_movie(fps, modality, r),
         )
 
@@ -312,6 +334,28 @@ def fit_patch(
         C_rows.append(c)
         windows.append(win)
         keep_core.append(bool(in_core[i]))
+    # residual seeding (CNMF-E's greedy initialisation): neighbours hidden under a
+    # brighter cell's blur surface once it is subtracted
+    cy0, cy1 = core[0].start - region[0].start, core[0].stop - region[0].start
+    cx0, cx1 = core[1].start - region[1].start, core[1].stop - region[1].start
+    for _ in range(params.residual_rounds):
+        img = _residual_pnr(R, (h, w), r)
+        pts = _local_peaks(img, params.residual_pnr, max(2.0, params.residual_spacing_radii * r))
+        added = 0
+        for y, x in pts:
+            win = _window(int(y), int(x), half, h, w)
+            a, c = _init_component(R, win, (int(y), int(x)), (h, w), params)
+            if a is None:
+                continue
+            R[win] -= np.outer(a[win], c)
+            A_cols.append(a)
+            C_rows.append(c)
+            windows.append(win)
+            keep_core.append(bool(cy0 <= y < cy1 and cx0 <= x < cx1))
+            added += 1
+        log.debug("residual round: %d peaks, %d added", len(pts), added)
+        if added == 0:
+            break
     nb = params.n_background
     empty_bg = _background_maps(np.zeros(h * w, np.float32), np.zeros((h * w, 0), np.float32), region, core, shape)
     if not A_cols:
@@ -319,6 +363,7 @@ def fit_patch(
                         np.zeros(0), np.zeros(0), empty_bg)
     A = np.stack(A_cols, axis=1)  # (P, K)
     C = np.stack(C_rows)  # (K, T)
+    n_init = A.shape[1]
     keep_core_arr = np.array(keep_core)
     support = _grow_support(A, _supports(windows, h * w), windows, (h, w),
                             steps=max(1, int(round(params.support_growth_radii * r))))
@@ -335,12 +380,37 @@ def fit_patch(
         if A.shape[1] == 0:
             break
     b0, b, f = _update_background(Y, A, C, nb)
+    log.debug("patch %s: %d seeds, %d initialised, %d after fitting", core, len(seeds), n_init, A.shape[1])
     snr = _snr(C)
     rval = _spatial_corr(Y, A, C, b0, b, f)
     sel = keep_core_arr
     fp = _to_global(A[:, sel], region, shape)
     return PatchFit(fp, C[sel].astype(np.float32), snr[sel], rval[sel],
                     _background_maps(b0, b, region, core, shape))
+
+
+def _residual_pnr(R: np.ndarray, hw: tuple[int, int], r: float) -> np.ndarray:
+    """Peak-to-noise image of the residual ``R`` (pixels × T), band-passed at the soma scale.
+
+    Difference of Gaussians (σ = r/2 minus σ = 1.5 r: a soma-sized blob passes,
+    neuropil smooth over ≳ 2 r does not), traces smoothed over 3 frames; peak
+    above the median over the noise SD of the smoothed trace.
+    """
+    h, w = hw
+    V = R.T.reshape(-1, h, w)
+    B = ndimage.gaussian_filter(V, (0, 0.5 * r, 0.5 * r)) - ndimage.gaussian_filter(V, (0, 1.5 * r, 1.5 * r))
+    noise = _noise(B.reshape(B.shape[0], -1).T).reshape(h, w) / math.sqrt(3)
+    Bt = ndimage.uniform_filter1d(B, 3, axis=0)
+    return (Bt.max(axis=0) - np.median(Bt, axis=0)) / noise
+
+
+def _local_peaks(img: np.ndarray, threshold: float, spacing: float) -> np.ndarray:
+    """(n, 2) local maxima of ``img`` above ``threshold`` at least ``spacing`` px apart, strongest first."""
+    from skimage.feature import peak_local_max
+
+    pts = peak_local_max(img, min_distance=max(1, int(round(spacing))), threshold_abs=threshold,
+                         exclude_border=False)
+    return np.asarray(pts, np.int64).reshape(-1, 2)
 
 
 def _window(y: int, x: int, half: int, h: int, w: int) -> np.ndarray:
@@ -608,6 +678,43 @@ def masks_from_footprints(footprints: sp.csr_matrix, shape: tuple[int, int], fra
     return out
 
 
+def mask_contrast(masks: np.ndarray, image: np.ndarray, radius: float) -> np.ndarray:
+    """Anatomical contrast of each mask on ``image`` (the mean image).
+
+    ``(mean inside − mean of the ring) / SD of the ring``, the ring being the
+    pixels 1 px to ``radius`` px outside the mask. Somata are brighter than
+    their surround (doughnuts too, nucleus included: the mask is filled);
+    neuropil fluctuations picked up as components are not.
+
+    Parameters
+    ----------
+    masks : ndarray, (unit, y, x) bool
+    image : ndarray, (y, x) float
+    radius : float
+        Soma radius r (px).
+
+    Returns
+    -------
+    ndarray, (unit,) float64; NaN for an empty mask or ring.
+    """
+    out = np.full(len(masks), np.nan)
+    steps = max(2, int(round(radius)))
+    for k, m in enumerate(masks):
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        y0, y1 = max(0, ys.min() - steps - 1), min(m.shape[0], ys.max() + steps + 2)
+        x0, x1 = max(0, xs.min() - steps - 1), min(m.shape[1], xs.max() + steps + 2)
+        sub = m[y0:y1, x0:x1]
+        ring = ndimage.binary_dilation(sub, iterations=steps) & ~ndimage.binary_dilation(sub, iterations=1)
+        if ring.sum() < 3:
+            continue
+        img = image[y0:y1, x0:x1]
+        sd = float(img[ring].std())
+        out[k] = (float(img[sub].mean()) - float(img[ring].mean())) / max(sd, 1e-12)
+    return out
+
+
 def full_rate_traces(movie: xr.DataArray, units: sp.csr_matrix, background: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares coefficients of every frame on the footprints and background maps.
 
@@ -688,12 +795,13 @@ def cnmf_units(
     r2 = math.pi * cp.neuron_radius**2
     ok = (area >= cp.min_area_fraction * r2) & (area <= cp.max_area_fraction * r2)
     A, masks, rval = A[np.flatnonzero(ok)], masks[ok], fit.spatial_corr[ok]
+    contrast = mask_contrast(masks, np.asarray(images["mean_image"], np.float32), cp.neuron_radius)
     kind = ["cnmf"] * A.shape[0]
     extra_score: list[float] = []
     if cp.add_silent:
         lm = detect_local_maxima(images, p.detect)
         lm_masks = np.asarray(lm["masks"].values, bool)
-        mine = masks.reshape(len(masks), -1).astype(np.float32)
+        mine = masks.reshape(len(masks), -1).astype(np.float32) * (contrast >= cp.min_contrast)[:, None]
         cand = lm_masks.reshape(len(lm_masks), -1).astype(np.float32)
         inter = cand @ mine.T if len(mine) else np.zeros((len(cand), 0))
         if cp.priority == "morphology" and inter.size:
@@ -701,7 +809,7 @@ def cnmf_units(
             frac_c = inter / np.maximum(mine.sum(axis=1)[None, :], 1)
             frac_m = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
             same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
-            A, masks, rval = A[np.flatnonzero(~same)], masks[~same], rval[~same]
+            A, masks, rval, contrast = A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same]
             kind = ["cnmf"] * A.shape[0]
             new = np.ones(len(cand), bool)
         else:
@@ -715,6 +823,7 @@ def cnmf_units(
             kind += ["morphology"] * int(new.sum())
             extra_score = [float(s) for s in np.asarray(lm["score"].values)[new]]
             rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
+            contrast = np.concatenate([contrast, np.full(int(new.sum()), np.nan)])
     raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
     from somaflow.oasis import deconvolve  # lazily: numpy-only module
 
@@ -732,7 +841,8 @@ def cnmf_units(
     s_snr = snr / (snr + cp.min_snr)
     s_r = np.clip(np.nan_to_num(rval, nan=0.0), 0, 1)
     score = np.where(is_cnmf, 0.5 * s_snr + 0.5 * s_r, 0.0)
-    accepted = is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
+    accepted = (is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
+                & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast))
     if extra_score:
         score[~is_cnmf] = extra_score
         accepted[~is_cnmf] = True
@@ -745,6 +855,7 @@ def cnmf_units(
         "score": ("unit", np.clip(score, 0, 1).astype(np.float32)),
         "accepted": ("unit", accepted.astype(bool)),
         "spatial_correlation": ("unit", np.asarray(rval, np.float32)),
+        "contrast": ("unit", np.asarray(contrast, np.float32)),
         "kind": ("unit", kind_arr),
     }, attrs={"n_seeds": int(fit.seeds.sizes["seed"])})
     traces = xr.Dataset({

@@ -70,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
         TWO_P + ONE_P,
         tuple(range(1000, 1008)),
         (1100, 1101),
-        epochs=40,
+        epochs=20,
         batch_size=16,
         lr=1e-3,
         finetune_lr=2e-4,
@@ -245,6 +245,7 @@ def train_model(
     n_frames: int | None = None,
     max_seconds: float | None = None,
     threads: int | None = None,
+    cache: str | None = None,
     fps: float = 7.0,
     neuron_radius: float = 5.0,
     seed: int = 0,
@@ -267,6 +268,10 @@ def train_model(
         Stop training after this long (s).
     threads : int, optional
         torch CPU threads.
+    cache : str, optional
+        Folder/URL where simulated classifier candidates are kept (they take a
+        CNMF run per session): reused by later runs with the same presets,
+        seeds and frames, by every classifier.
     fps, neuron_radius : float
         Frame rate (Hz) and soma radius (px) of the Neurofinder folders.
     seed : int
@@ -413,18 +418,15 @@ def train_model(
     else:
         cands = []
         if use_sim:
-            cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames or recipe.n_frames)
-            cands.append(
-                (cs.images, cs.traces, cs.windows, cs.active if model_name == "lstm" else cs.labels)
-            )
-            for s in cs.sessions:
-                session_stats.append({"n_frames": s.get("n_frames"), "modality": s.get("modality")})
+            cands.append(_candidate_set(presets, seeds, n_frames or recipe.n_frames, cache, model_name))
+            session_stats += cands[-1][4]
         for url in results:
             cands.append(_result_candidates(url, model_name))
         if not cands:
             raise InputError(
                 "no classifier examples: pass --data simulator and/or curated result zarrs."
             )
+        cands = [c[:4] for c in cands]
         images = np.concatenate([c[0] for c in cands])
         vectors = np.concatenate([c[1] for c in cands])
         windows = [w for c in cands for w in c[2]]
@@ -452,6 +454,39 @@ def train_model(
         "metrics": metrics,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _candidate_set(presets: Sequence[str], seeds: Sequence[int], n_frames: int | None, cache: str | None,
+                   model_name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray,
+                                             list[dict[str, Any]]]:
+    """Simulated CNMF candidates (images, trace vectors, LSTM windows, labels, session stats),
+    from ``cache`` when it holds the same recipe."""
+    import hashlib
+
+    from somaflow.io import schema, stores
+    from somaflow.nn import data as nd
+    from somaflow.simulate.presets import PRESETS
+
+    key = json.dumps({"presets": list(presets), "seeds": list(seeds), "n_frames": n_frames, "method": "cnmf"},
+                     sort_keys=True)
+    url = (stores.join(cache, "candidates-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + ".zarr")
+           if cache else None)
+    if url and schema.is_complete(url):
+        arrays, meta = nd.read_examples(url)
+        windows = list(arrays["windows"])
+    else:
+        cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames)
+        windows = list(nd.stack_windows(cs.windows))
+        arrays = {"images": cs.images, "traces": cs.traces, "labels": cs.labels, "active": cs.active,
+                  "windows": np.stack(windows) if windows else np.zeros((0, 1, 100), np.float32)}
+        meta = {"recipe": json.loads(key),
+                "sessions": [{"modality": PRESETS[s["preset"]].modality, "preset": s["preset"], "seed": s["seed"],
+                              "n_frames": n_frames or PRESETS[s["preset"]].n_frames} for s in cs.sessions]}
+        if url:
+            nd.write_examples(url, arrays, meta, overwrite=True)
+    labels = arrays["active"] if model_name == "lstm" else arrays["labels"]
+    stats = [{"modality": s.get("modality"), "n_frames": s.get("n_frames")} for s in meta["sessions"]]
+    return arrays["images"], arrays["traces"], windows, np.asarray(labels, np.int64), stats
 
 
 def _real_crops(

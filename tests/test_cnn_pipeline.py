@@ -1,0 +1,167 @@
+"""The CNNs inside the pipeline: training recipes, checkpoints in a run, the classifier
+stage, fine-tuning and the out-of-distribution warning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from conftest import run_cli
+from somaflow.io import schema
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def unet_weights(tmp_path_factory):
+    """A U-Net trained briefly on two tiny 2p sessions (seconds on a CPU)."""
+    from somaflow.nn.recipes import train_model
+
+    out = tmp_path_factory.mktemp("weights") / "unet2d.safetensors"
+    summary = train_model("unet2d", str(out), presets=["2p-small"], seeds=[1000, 1001], epochs=3,
+                          n_frames=100, threads=1)
+    return out, summary
+
+
+def test_training_writes_a_complete_checkpoint(unet_weights):
+    from somaflow.nn import load_checkpoint
+
+    out, summary = unet_weights
+    model, meta = load_checkpoint(str(out))
+    assert meta["model"] == "unet2d"
+    m = meta["metrics"]
+    assert 0 < m["threshold"] < 1 and 0 <= m["val_session_f1"] <= 1
+    assert m["val_sessions"] == ["2p-small:1100", "2p-small:1101"]
+    assert meta["training"]["presets"] == ["2p-small"] and meta["training"]["seeds"] == [1000, 1001]
+    assert meta["input_stats"]["modality"] == ["2p"]
+    assert meta["input_stats"]["neuron_radius"]["min"] == 5.0
+    assert summary["metrics"]["threshold"] == m["threshold"]
+
+
+def test_training_lowers_the_loss():
+    """A few epochs of the detector loop on a tiny problem: the loss goes down."""
+    from somaflow.nn import build_model
+    from somaflow.nn.train import TrainParams, train_detector
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((12, 32, 32), np.uint8)
+    for i in range(12):
+        cy, cx = rng.integers(8, 24, 2)
+        yy, xx = np.ogrid[:32, :32]
+        y[i] = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+    x = (y[:, None].astype(np.float32) * 2 + rng.normal(0, 0.5, (12, 1, 32, 32))).astype(np.float32)
+    torch.manual_seed(0)
+    model = build_model("unet2d", in_channels=1, width=4, depth=2)
+    hist = train_detector(model, x, y, TrainParams(epochs=6, batch_size=4, lr=1e-2, val_fraction=0.0, threads=1),
+                          movie_input=False)
+    assert hist.loss[-1] < 0.6 * hist.loss[0]
+
+
+def test_fine_tuning_starts_from_the_weights(unet_weights, tmp_path):
+    from somaflow.nn import load_checkpoint
+    from somaflow.nn.recipes import train_model
+
+    base, _ = unet_weights
+    tuned = tmp_path / "tuned.safetensors"
+    train_model("unet2d", str(tuned), init=str(base), presets=["2p-lowsnr"], seeds=[1002], epochs=1,
+                n_frames=100, threads=1)
+    _, meta = load_checkpoint(str(tuned))
+    assert meta["training"]["init"] == str(base)
+    assert meta["training"]["init_training"]["presets"] == ["2p-small"]
+    assert meta["training"]["params"]["lr"] == 2e-4  # the recipe's fine-tuning rate
+
+
+def _images(sim) -> xr.Dataset:
+    from somaflow.nn.data import _sim_movie, detection_summary_images
+
+    m = sim.meta
+    return detection_summary_images(_sim_movie(sim), m["fps"], m["modality"], m["neuron_radius"])
+
+
+def test_detect_cnn_finds_units_and_warns_out_of_distribution(unet_weights):
+    from somaflow.detect.cnn import CnnParams, detect_cnn
+    from somaflow.evaluate import match_iou
+    from somaflow.nn.data import _sim_movie
+    from somaflow.simulate import simulate
+
+    out, _ = unet_weights
+    sim = simulate("2p-small", seed=7, n_frames=100, motion="none")
+    p = CnnParams.for_movie(10.0, "2p", 5.0).model_copy(update={"weights": {"unet2d": str(out)}})
+    units = detect_cnn(_sim_movie(sim), _images(sim), "unet2d", p, 5.0)
+    assert units["masks"].dims == ("unit", "y", "x") and units["masks"].dtype == bool
+    assert units.sizes["unit"] > 5
+    assert float(units["score"].min()) >= 0 and float(units["score"].max()) <= 1
+    assert units["cnn_probability"].dims == ("y", "x")
+    assert json.loads(units.attrs["ood_warnings"]) == []
+    assert match_iou(units["masks"].values, np.asarray(sim.masks, bool)).f1 > 0.3
+    # a 1p movie with 3x larger cells is outside what this model saw
+    sim1 = simulate("1p-small", seed=7, n_frames=100, motion="none")
+    p1 = CnnParams.for_movie(10.0, "1p", 18.0).model_copy(update={"weights": {"unet2d": str(out)}})
+    units1 = detect_cnn(_sim_movie(sim1), _images(sim1), "unet2d", p1, 18.0)
+    warnings = json.loads(units1.attrs["ood_warnings"])
+    assert any("modality 1p" in w for w in warnings)
+    assert any("radius" in w for w in warnings)
+
+
+def test_classifier_stage_folds_its_verdict(tmp_path):
+    """An (untrained) 3CNet checkpoint: its probabilities become cnn_score, score is the
+    geometric mean, accepted needs the classifier's vote."""
+    from somaflow.classify.cnet import ClassifyParams, classify_units
+    from somaflow.nn import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "3cnet.safetensors"
+    save_checkpoint(build_model("3cnet"), str(ckpt), model_name="3cnet", config={})
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 40, 40), bool)
+    for i in range(4):
+        masks[i, 5 + 8 * i:10 + 8 * i, 5:12] = True
+    units = xr.Dataset({"masks": (("unit", "y", "x"), masks), "score": ("unit", np.full(4, 0.64, np.float32)),
+                        "accepted": ("unit", np.array([True, True, False, True]))},
+                       coords={"unit": np.arange(4)})
+    traces = xr.Dataset({"dff": (("unit", "frame"), rng.normal(size=(4, 300)).astype(np.float32))})
+    images = xr.Dataset({"mean_image": (("y", "x"), rng.random((40, 40)).astype(np.float32))})
+    v = classify_units(units, traces, images, ClassifyParams(classifier="3cnet", weights=str(ckpt)))
+    cnn = v["cnn_score"].values
+    assert np.all((cnn >= 0) & (cnn <= 1))
+    np.testing.assert_allclose(v["score"].values, np.sqrt(0.64 * cnn), rtol=1e-5)
+    np.testing.assert_array_equal(v["accepted"].values, units["accepted"].values & (cnn >= 0.5))
+    none = classify_units(units, traces, images, ClassifyParams())
+    np.testing.assert_array_equal(none["accepted"].values, units["accepted"].values)
+    assert np.isnan(none["cnn_score"].values).all()
+
+
+def test_weights_for_another_model_are_refused(unet_weights):
+    from somaflow.errors import InputError
+    from somaflow.inference import LocalBackend
+
+    out, _ = unet_weights
+    with pytest.raises(InputError, match="for model 'unet2d', not 'meanimage2d'"):
+        LocalBackend().predict("meanimage2d", str(out), np.zeros((1, 1, 32, 32), np.float32))
+
+
+@pytest.mark.integration
+def test_run_with_a_detector_and_the_classifier(unet_weights, make_movie, tmp_path, prefect_api):
+    """`somaflow run --method unet2d --classifier 3cnet` end to end: the result carries the
+    classifier's verdict, the CNN probability map and the (empty) warnings."""
+    from somaflow.nn import build_model, save_checkpoint
+
+    out, _ = unet_weights
+    ckpt = tmp_path / "3cnet.safetensors"
+    save_checkpoint(build_model("3cnet"), str(ckpt), model_name="3cnet", config={})
+    params = tmp_path / "p.yaml"
+    params.write_text(f"cnn:\n  weights:\n    unet2d: {out}\nclassify:\n  weights: {ckpt}\n")
+    sim = make_movie(3, n_frames=100)
+    result = tmp_path / "r.zarr"
+    summary = json.loads(run_cli("run", str(sim / "movie.tif"), "--out", str(result), "--fps", "10",
+                                 "--method", "unet2d", "--classifier", "3cnet", "--params", str(params),
+                                 "--cluster", "threads", "--json", env=prefect_api).stdout)
+    assert summary["stages"]["classify"] == "ran" and summary["n_units"] > 0
+    ds = schema.open_result(str(result))
+    assert "cnn_score" in ds and "cnn_probability" in ds
+    np.testing.assert_array_equal(ds["accepted"].values, ds["accepted"].values & (ds["cnn_score"].values >= 0.5))
+    assert json.loads(ds.attrs["ood_warnings"]) == []
+    assert json.loads(ds.attrs["params"])["classify"]["classifier"] == "3cnet"
