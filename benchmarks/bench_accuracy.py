@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["local-maxima"],
                     help="extraction methods to compare (somaflow run --method)")
     ap.add_argument("--params", default=None, help="YAML overrides, as somaflow run --params")
+    ap.add_argument("--classifier", default=None, help="cell classifier, as somaflow run --classifier")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -47,6 +48,8 @@ def main() -> None:
     from somaflow.simulate import simulate, write_simulation
 
     overrides = load_params_file(args.params) if args.params else {}
+    if args.classifier:
+        overrides = {**overrides, "classify": {**overrides.get("classify", {}), "classifier": args.classifier}}
     workdir = args.workdir or tempfile.mkdtemp(prefix="somaflow-acc-")
     rows = []
     print(f"machine: {machine()}", file=sys.stderr)
