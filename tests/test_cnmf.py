@@ -147,3 +147,26 @@ def test_residual_pnr_finds_a_hidden_transient():
     # pure noise: nothing above the threshold
     noise = rng.normal(0, 1, (T, h, w)).astype(np.float32)
     assert len(C._local_peaks(C._residual_pnr(noise.reshape(T, -1).T.copy(), (h, w), r), 8.0, 0.8 * r)) == 0
+
+
+def test_morphology_masks_seed_components_unless_covered():
+    rng = np.random.default_rng(5)
+    h = w = 30
+    T = 80
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - 12) ** 2 + (xx - 14) ** 2 <= 16
+    c_true = np.maximum(rng.normal(0, 1, T), 0).astype(np.float32) * 5
+    R = (disk.ravel()[:, None] * c_true[None, :] + rng.normal(0, 0.1, (h * w, T))).astype(np.float32)
+    energy = float((R**2).sum())
+    params = C.CnmfParams(neuron_radius=4.0)
+    morph = (np.array([7]), disk[None], np.array([True]))
+    A_cols, C_rows, windows, keep = [], [], [], []
+    origin = C._add_morphology(R, morph, A_cols, C_rows, windows, keep, (h, w), params)
+    assert origin == [7] and keep == [True] and len(A_cols) == 1
+    assert np.corrcoef(C_rows[0], c_true)[0, 1] > 0.95
+    assert float((R**2).sum()) < 0.3 * energy  # its light was taken out of the residual
+    # a mask an existing component already covers adds nothing
+    R2 = R.copy()
+    covered = C._add_morphology(R2, morph, [disk.ravel().astype(np.float32)], [c_true], [np.arange(h * w)], [True],
+                                (h, w), params)
+    assert covered == [] and np.array_equal(R2, R)

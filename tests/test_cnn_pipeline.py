@@ -106,15 +106,16 @@ def test_detect_cnn_finds_units_and_warns_out_of_distribution(unet_weights):
     assert any("radius" in w for w in warnings)
 
 
-def test_classifier_stage_folds_its_verdict(tmp_path):
+@pytest.mark.parametrize("name", ["3cnet", "3cnet-plus"])
+def test_classifier_stage_folds_its_verdict(tmp_path, name):
     """An (untrained) 3CNet checkpoint: its probabilities become cnn_score, score is the
     geometric mean, accepted needs the classifier's vote."""
     from somaflow.classify.cnet import ClassifyParams, classify_units
     from somaflow.nn import build_model, save_checkpoint
 
     torch.manual_seed(0)
-    ckpt = tmp_path / "3cnet.safetensors"
-    save_checkpoint(build_model("3cnet"), str(ckpt), model_name="3cnet", config={})
+    ckpt = tmp_path / f"{name}.safetensors"
+    save_checkpoint(build_model(name), str(ckpt), model_name=name, config={})
     rng = np.random.default_rng(0)
     masks = np.zeros((4, 40, 40), bool)
     for i in range(4):
@@ -124,7 +125,7 @@ def test_classifier_stage_folds_its_verdict(tmp_path):
                        coords={"unit": np.arange(4)})
     traces = xr.Dataset({"dff": (("unit", "frame"), rng.normal(size=(4, 300)).astype(np.float32))})
     images = xr.Dataset({"mean_image": (("y", "x"), rng.random((40, 40)).astype(np.float32))})
-    v = classify_units(units, traces, images, ClassifyParams(classifier="3cnet", weights=str(ckpt)))
+    v = classify_units(units, traces, images, ClassifyParams(classifier=name, weights=str(ckpt)))
     cnn = v["cnn_score"].values
     assert np.all((cnn >= 0) & (cnn <= 1))
     np.testing.assert_allclose(v["score"].values, np.sqrt(0.64 * cnn), rtol=1e-5)

@@ -116,7 +116,7 @@ class LocalBackend:
         parts = inputs if isinstance(inputs, tuple) else (inputs,)
         tensors = [torch.from_numpy(np.ascontiguousarray(p, np.float32)) for p in parts]
         with torch.no_grad():
-            out = net(*tensors)
+            out = net(tensors[0] if len(tensors) == 1 else tuple(tensors))
         if out.ndim == 1:  # one logit per example (the LSTM)
             return torch.sigmoid(out).numpy().astype(np.float32)
         return torch.softmax(out, dim=1)[:, 1].numpy().astype(np.float32)

@@ -46,9 +46,18 @@ Steps (:func:`cnmf`):
    full-frame-rate traces of all units come from one streaming least-squares
    pass over the trace movie with the footprints and each patch's background
    maps as regressors (memory: one frame chunk), and each trace is deconvolved.
-6. **Silent cells** have no activity for CNMF to see; units of the
-   morphology detector (:mod:`somaflow.detect.local_maxima`) that no CNMF
-   footprint covers are added as components before step 5 (``add_silent``).
+6. **Seeded CNMF and silent cells** — with ``seed_morphology`` every mask of
+   the morphology detector (:mod:`somaflow.detect.local_maxima`) that no
+   activity-seeded component of its patch covers (IoU < ``morph_covered_iou``)
+   becomes a component after the seeds (smoothed-mask footprint, trace
+   regressed from the residual) and goes through the same HALS updates, so its
+   trace is demixed from neighbours and background; such units keep the
+   detector's mask (kind ``morphology``; the fitted footprint gives their
+   trace). Silent cells have no activity for CNMF to see (their component
+   empties and is dropped); detector units that no unit covers are added
+   before step 5 with a mean-image footprint (``add_silent``). Morphology
+   units are accepted when their mask area lies in
+   ``[morph_min_area_fraction, max_area_fraction] · π r²``.
 7. **Quality** — per unit SNR (peak of the trace over its noise SD) and spatial
    correlation (footprint vs. the mean residual movie over the unit's active
    frames) and anatomical ``contrast`` (:func:`mask_contrast`: the mask on the
@@ -113,7 +122,10 @@ class CnmfParams(BaseModel):
     residual_pnr: float = Field(8.0, ge=0, description="peak-to-noise of a residual seed (soma-scale band-pass)")
     residual_spacing_radii: float = Field(0.8, gt=0, description="minimum spacing of residual seeds (r)")
     mask_fraction: float = Field(0.3, gt=0, lt=1, description="mask = footprint above this fraction of its max")
-    min_area_fraction: float = Field(0.25, ge=0, description="smallest mask area (pi r^2)")
+    min_area_fraction: float = Field(0.25, ge=0, description="smallest mask area of a CNMF unit (pi r^2)")
+    morph_min_area_fraction: float = Field(
+        0.0, ge=0, description="(0: off, not measured to help on held-out seeds) morphology units with a smaller mask (pi r^2) are not accepted: on the tuning "
+        "movies they were a dense field's cell cut short or a fragment")
     max_area_fraction: float = Field(2.2, gt=0, description="largest mask area (pi r^2): wider is not one soma")
     min_snr: float = Field(3.0, ge=0, description="accepted units reach this peak SNR")
     min_spatial_correlation: float = Field(0.5, ge=-1, le=1, description="accepted units' spatial correlation")
@@ -121,6 +133,15 @@ class CnmfParams(BaseModel):
         0.5, description="accepted CNMF units stand out of the mean image: mask mean minus the mean of a ring "
         "(1 px to r outside the mask), in SDs of the ring; a soma is brighter than its surround, neuropil is not")
     add_silent: bool = Field(True, description="add morphology-detector units no CNMF unit covers")
+    seed_morphology: bool = Field(
+        False, description="(off: measured on held-out seeds it lowered F1 slightly and 2p-lowsnr trace r) "
+        "morphology-detector masks no CNMF component covers become initial footprints "
+        "(seeded CNMF): their traces are demixed from neighbours and background by the same HALS updates")
+    morph_small_fraction: float = Field(
+        0.0, ge=0, description="(0: off; measured on the tuning movies it helps 2p-lowsnr and hurts 2p-dense) a morphology-seeded component whose detector mask is smaller than this (pi r^2) "
+        "and which the fit found active (SNR, spatial correlation, size) takes its larger footprint mask")
+    morph_covered_iou: float = Field(
+        0.3, ge=0, le=1, description="a morphology mask whose IoU with a component's mask reaches this is covered")
     priority: Literal["cnmf", "morphology"] = Field(
         "cnmf", description="which mask wins where a CNMF and a morphology unit overlap"
     )
@@ -150,6 +171,7 @@ class PatchFit:
     snr: np.ndarray  # (k,)
     spatial_corr: np.ndarray  # (k,)
     background: sp.csr_matrix  # (1 + n_background, y*x) patch-core background maps
+    origin: np.ndarray  # (k,) int: index of the morphology mask that seeded it, -1 for activity seeds
 
 
 @dataclass
@@ -161,6 +183,8 @@ class CnmfFit:
     spatial_corr: np.ndarray  # (unit,)
     background: sp.csr_matrix  # (maps, y*x): every patch's background regressors
     seeds: xr.Dataset
+    origin: np.ndarray  # (unit,) int: seeding morphology mask, -1 for activity seeds
+    snr: np.ndarray  # (unit,) peak SNR of the fit trace
 
 
 # ----------------------------------------------------------------------------- driver
@@ -170,6 +194,7 @@ def cnmf(
     *,
     fps: float,
     scratch_url: str | None = None,
+    morph_masks: np.ndarray | None = None,
 ) -> CnmfFit:
     """Fit CNMF over patches of ``movie`` (steps 1-4 of the module docstring).
 
@@ -184,6 +209,10 @@ def cnmf(
     scratch_url : str, optional
         Folder for the binned fit movie; a temporary local folder when None
         (removed afterwards).
+    morph_masks : ndarray, (n, y, x) bool, optional
+        Masks of an anatomical detector; with ``params.seed_morphology`` each
+        one no activity-seeded component covers is initialised as a component
+        of the patch that owns its centroid (seeded CNMF).
 
     Returns
     -------
@@ -216,28 +245,35 @@ def cnmf(
         seeds = find_seeds(fit_movie, images, params.seeds)
         pts = np.stack([seeds["y"].values, seeds["x"].values], axis=1) if seeds.sizes["seed"] else np.zeros((0, 2), int)
         pnr = seeds["pnr"].values
+        mm = (np.asarray(morph_masks, bool) if (morph_masks is not None and params.seed_morphology)
+              else np.zeros((0, ny, nx), bool))
+        mc = (np.array([np.argwhere(m).mean(axis=0) for m in mm]).round().astype(int).reshape(-1, 2)
+              if len(mm) else np.zeros((0, 2), int))
+
+        def _in(p: np.ndarray, sl: tuple[slice, slice]) -> np.ndarray:
+            return (p[:, 0] >= sl[0].start) & (p[:, 0] < sl[0].stop) & (p[:, 1] >= sl[1].start) & (p[:, 1] < sl[1].stop)
+
         tasks = []
         for core, region in plan_patches((ny, nx), params):
-            inside = ((pts[:, 0] >= region[0].start) & (pts[:, 0] < region[0].stop)
-                      & (pts[:, 1] >= region[1].start) & (pts[:, 1] < region[1].stop))
-            if not inside.any():
-                continue
-            in_core = ((pts[inside, 0] >= core[0].start) & (pts[inside, 0] < core[0].stop)
-                       & (pts[inside, 1] >= core[1].start) & (pts[inside, 1] < core[1].stop))
-            if not in_core.any():
+            inside, m_inside = _in(pts, region), _in(mc, region)
+            in_core, m_core = _in(pts[inside], core), _in(mc[m_inside], core)
+            if not (in_core.any() or m_core.any()):
                 continue
             block = fit_movie.data[:, region[0], region[1]]
+            morph = (np.flatnonzero(m_inside), mm[m_inside][:, region[0], region[1]], m_core)
             tasks.append(dask.delayed(fit_patch)(block, pts[inside], pnr[inside], in_core, region, core,
-                                                 (ny, nx), params))
+                                                 (ny, nx), params, morph))
         fits = list(dask.compute(*tasks)) if tasks else []
     finally:
         if own_tmp:
             shutil.rmtree(scratch, ignore_errors=True)
     footprints, traces, keep = _global_merge(fits, params)
     rval = np.concatenate([f.spatial_corr for f in fits])[keep] if fits else np.zeros(0)
+    origin = np.concatenate([f.origin for f in fits])[keep] if fits else np.zeros(0, int)
+    fsnr = np.concatenate([f.snr for f in fits])[keep] if fits else np.zeros(0)
     background = (sp.vstack([f.background for f in fits]).tocsr() if fits
                   else sp.csr_matrix((0, ny * nx), dtype=np.float32))
-    return CnmfFit(footprints, traces, rval, background, seeds)
+    return CnmfFit(footprints, traces, rval, background, seeds, origin, fsnr)
 
 
 def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
@@ -291,6 +327,7 @@ def fit_patch(
     core: tuple[slice, slice],
     shape: tuple[int, int],
     params: CnmfParams,
+    morph: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> PatchFit:
     """CNMF on one patch (step 4 of the module docstring).
 
@@ -308,6 +345,11 @@ def fit_patch(
         The region read and the core owned, full-frame.
     shape : (int, int)
         Full frame (y, x).
+    morph : (ids, masks, in_core), optional
+        Morphology masks whose centroid lies in the region: their indices,
+        (n, h, w) bool patch-local masks and which are owned by the core.
+        Each one no component covers becomes a component (mask-weighted
+        footprint, trace regressed from the residual) after the seeds.
     """
     Y3 = np.asarray(block, np.float32)
     T, h, w = Y3.shape
@@ -334,6 +376,9 @@ def fit_patch(
         C_rows.append(c)
         windows.append(win)
         keep_core.append(bool(in_core[i]))
+    origin = [-1] * len(A_cols)
+    if morph is not None and len(morph[0]):
+        origin += _add_morphology(R, morph, A_cols, C_rows, windows, keep_core, (h, w), params)
     # residual seeding (CNMF-E's greedy initialisation): neighbours hidden under a
     # brighter cell's blur surface once it is subtracted
     cy0, cy1 = core[0].start - region[0].start, core[0].stop - region[0].start
@@ -352,6 +397,7 @@ def fit_patch(
             C_rows.append(c)
             windows.append(win)
             keep_core.append(bool(cy0 <= y < cy1 and cx0 <= x < cx1))
+            origin.append(-1)
             added += 1
         log.debug("residual round: %d peaks, %d added", len(pts), added)
         if added == 0:
@@ -360,11 +406,12 @@ def fit_patch(
     empty_bg = _background_maps(np.zeros(h * w, np.float32), np.zeros((h * w, 0), np.float32), region, core, shape)
     if not A_cols:
         return PatchFit(sp.csr_matrix((0, shape[0] * shape[1]), dtype=np.float32), np.zeros((0, T), np.float32),
-                        np.zeros(0), np.zeros(0), empty_bg)
+                        np.zeros(0), np.zeros(0), empty_bg, np.zeros(0, int))
     A = np.stack(A_cols, axis=1)  # (P, K)
     C = np.stack(C_rows)  # (K, T)
     n_init = A.shape[1]
     keep_core_arr = np.array(keep_core)
+    origin_arr = np.array(origin, int)
     support = _grow_support(A, _supports(windows, h * w), windows, (h, w),
                             steps=max(1, int(round(params.support_growth_radii * r))))
     b = np.zeros((h * w, nb), np.float32)
@@ -374,9 +421,10 @@ def fit_patch(
         C = _hals_temporal(Y, A, C, b0, b, f, params.hals_sweeps)
         A = _hals_spatial(Y, A, C, b0, b, f, support, params.hals_sweeps)
         A, C, keep = _normalize_drop(A, C)
-        support, keep_core_arr = support[:, keep], keep_core_arr[keep]
+        support, keep_core_arr, origin_arr = support[:, keep], keep_core_arr[keep], origin_arr[keep]
         windows = [wd for wd, k_ in zip(windows, keep, strict=True) if k_]
-        A, C, support, keep_core_arr, windows = _merge_local(A, C, support, keep_core_arr, windows, params)
+        A, C, support, keep_core_arr, windows, origin_arr = _merge_local(A, C, support, keep_core_arr, windows,
+                                                                         origin_arr, params)
         if A.shape[1] == 0:
             break
     b0, b, f = _update_background(Y, A, C, nb)
@@ -386,7 +434,50 @@ def fit_patch(
     sel = keep_core_arr
     fp = _to_global(A[:, sel], region, shape)
     return PatchFit(fp, C[sel].astype(np.float32), snr[sel], rval[sel],
-                    _background_maps(b0, b, region, core, shape))
+                    _background_maps(b0, b, region, core, shape), origin_arr[sel])
+
+
+def _add_morphology(R: np.ndarray, morph: tuple[np.ndarray, np.ndarray, np.ndarray], A_cols: list, C_rows: list,
+                    windows: list, keep_core: list, hw: tuple[int, int], params: CnmfParams) -> list[int]:
+    """Seeded CNMF: each morphology mask no component covers becomes a component.
+
+    Footprint: the mask, Gaussian-smoothed at 0.3 r (HALS reshapes it);
+    trace: its regression on the residual ``R`` (updated in place), baseline
+    (20th percentile) removed, clipped at 0. Appends to the lists; returns the
+    origins (morphology indices) of the added components.
+    """
+    ids, masks, in_core = morph
+    h, w = hw
+    r = params.neuron_radius
+    half = int(math.ceil(params.window_radii * r))
+    have = [a.reshape(h, w) >= params.mask_fraction for a in A_cols]
+    out: list[int] = []
+    for j in np.argsort(-masks.reshape(len(masks), -1).sum(axis=1), kind="stable"):
+        m = masks[j]
+        area = int(m.sum())
+        if area < 3:
+            continue
+        if any((m & c).sum() / max(int((m | c).sum()), 1) >= params.morph_covered_iou for c in have):
+            continue
+        cy, cx = np.argwhere(m).mean(axis=0).round().astype(int)
+        win = _window(int(cy), int(cx), half, h, w)
+        a = ndimage.gaussian_filter(m.astype(np.float32), max(0.5, 0.3 * r)).ravel()
+        a[~np.isin(np.arange(h * w), win)] = 0
+        a[a < 0.1 * a.max()] = 0
+        a /= max(a.max(), 1e-12)
+        aw = a[win]
+        c = (aw @ R[win]) / max(float(aw @ aw), 1e-12)
+        c = np.maximum(c - np.percentile(c, 20), 0).astype(np.float32)
+        if not np.any(c > 0):
+            c = np.full_like(c, 1e-3)
+        R[win] -= np.outer(aw, c)
+        A_cols.append(a.astype(np.float32))
+        C_rows.append(c)
+        windows.append(win)
+        keep_core.append(bool(in_core[j]))
+        have.append(m)
+        out.append(int(ids[j]))
+    return out
 
 
 def _residual_pnr(R: np.ndarray, hw: tuple[int, int], r: float) -> np.ndarray:
@@ -529,18 +620,21 @@ def _normalize_drop(A: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return A, C, keep
 
 
-def _merge_local(A, C, support, keep_core, windows, params):  # type: ignore[no-untyped-def]
-    """Merge components whose footprints overlap and whose traces correlate."""
+def _merge_local(A, C, support, keep_core, windows, origin, params):  # type: ignore[no-untyped-def]
+    """Merge components whose footprints overlap and whose traces correlate.
+
+    A merged component's origin is -1 (activity seed) if any member has it.
+    """
     K = A.shape[1]
     if K < 2:
-        return A, C, support, keep_core, windows
+        return A, C, support, keep_core, windows, origin
     overlap = ((A > 0).T.astype(np.float32) @ (A > 0).astype(np.float32)) > 0
     corr = np.corrcoef(C) if C.shape[1] > 1 else np.eye(K)
     corr = np.nan_to_num(corr)
     np.fill_diagonal(overlap, False)
     pairs = np.argwhere(np.triu(overlap & (corr > params.merge_correlation)))
     if len(pairs) == 0:
-        return A, C, support, keep_core, windows
+        return A, C, support, keep_core, windows, origin
     parent = np.arange(K)
 
     def find(i: int) -> int:
@@ -552,7 +646,7 @@ def _merge_local(A, C, support, keep_core, windows, params):  # type: ignore[no-
     for i, j in pairs:
         parent[find(int(j))] = find(int(i))
     roots = np.array([find(i) for i in range(K)])
-    newA, newC, newS, newK, newW = [], [], [], [], []
+    newA, newC, newS, newK, newW, newO = [], [], [], [], [], []
     for root in np.unique(roots):
         idx = np.flatnonzero(roots == root)
         scale = C[idx].max(axis=1)
@@ -565,7 +659,8 @@ def _merge_local(A, C, support, keep_core, windows, params):  # type: ignore[no-
         newS.append(support[:, idx].any(axis=1))
         newK.append(bool(keep_core[strongest]))
         newW.append(np.unique(np.concatenate([windows[i] for i in idx])))
-    return (np.stack(newA, 1), np.stack(newC), np.stack(newS, 1), np.array(newK), newW)
+        newO.append(-1 if (origin[idx] < 0).any() else int(origin[strongest]))
+    return (np.stack(newA, 1), np.stack(newC), np.stack(newS, 1), np.array(newK), newW, np.array(newO, int))
 
 
 def _snr(C: np.ndarray) -> np.ndarray:
@@ -788,19 +883,33 @@ def cnmf_units(
     cp = p.cnmf
     ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
     movie = trace_movie(corrected, p.preprocess)
-    fit = cnmf(movie, cp, fps=p.fps, scratch_url=scratch_url)
+    lm = detect_local_maxima(images, p.detect) if (cp.add_silent or cp.seed_morphology) else None
+    lm_masks = np.asarray(lm["masks"].values, bool) if lm is not None else np.zeros((0, ny, nx), bool)
+    lm_score = np.asarray(lm["score"].values, np.float64) if lm is not None else np.zeros(0)
+    fit = cnmf(movie, cp, fps=p.fps, scratch_url=scratch_url,
+               morph_masks=lm_masks if cp.seed_morphology else None)
     A = fit.footprints
     masks = masks_from_footprints(A, (ny, nx), cp.mask_fraction)
+    # components seeded from a morphology mask keep that (anatomical) mask unless
+    # the fit found an active cell there (the detector's masks are often too small)
     area = masks.reshape(len(masks), -1).sum(axis=1)
     r2 = math.pi * cp.neuron_radius**2
-    ok = (area >= cp.min_area_fraction * r2) & (area <= cp.max_area_fraction * r2)
-    A, masks, rval = A[np.flatnonzero(ok)], masks[ok], fit.spatial_corr[ok]
+    size_ok = (area >= cp.min_area_fraction * r2) & (area <= cp.max_area_fraction * r2)
+    is_m = fit.origin >= 0
+    det_area = np.zeros(len(area))
+    det_area[is_m] = lm_masks[fit.origin[is_m]].sum(axis=(1, 2))
+    fitted = (size_ok & (fit.snr >= cp.min_snr) & (fit.spatial_corr >= cp.min_spatial_correlation)
+              & (det_area < cp.morph_small_fraction * r2) & (area > det_area))
+    use_det = is_m & ~fitted
+    masks[use_det] = lm_masks[fit.origin[use_det]]
+    ok = size_ok | use_det
+    A, masks, rval, origin = A[np.flatnonzero(ok)], masks[ok], fit.spatial_corr[ok], fit.origin[ok]
     contrast = mask_contrast(masks, np.asarray(images["mean_image"], np.float32), cp.neuron_radius)
-    kind = ["cnmf"] * A.shape[0]
-    extra_score: list[float] = []
+    kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
+    extra_score: list[float] = [float(lm_score[o]) for o in origin if o >= 0]
     if cp.add_silent:
-        lm = detect_local_maxima(images, p.detect)
-        lm_masks = np.asarray(lm["masks"].values, bool)
+        seeded = np.zeros(len(lm_masks), bool)
+        seeded[origin[origin >= 0]] = True
         mine = masks.reshape(len(masks), -1).astype(np.float32) * (contrast >= cp.min_contrast)[:, None]
         cand = lm_masks.reshape(len(lm_masks), -1).astype(np.float32)
         inter = cand @ mine.T if len(mine) else np.zeros((len(cand), 0))
@@ -809,19 +918,22 @@ def cnmf_units(
             frac_c = inter / np.maximum(mine.sum(axis=1)[None, :], 1)
             frac_m = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
             same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
+            same &= origin < 0
             A, masks, rval, contrast = A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same]
-            kind = ["cnmf"] * A.shape[0]
-            new = np.ones(len(cand), bool)
+            origin = origin[~same]
+            kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
+            new = ~seeded
         else:
             frac = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
             new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(cand), bool)
+            new &= ~seeded
         if new.any():
             add_masks = lm_masks[new]
             fp = footprints_from_masks(xr.DataArray(add_masks, dims=("unit", "y", "x")), images["mean_image"]).values
             A = sp.vstack([A, sp.csr_matrix(fp.reshape(len(fp), -1))]).tocsr()
             masks = np.concatenate([masks, add_masks])
             kind += ["morphology"] * int(new.sum())
-            extra_score = [float(s) for s in np.asarray(lm["score"].values)[new]]
+            extra_score += [float(s) for s in lm_score[new]]
             rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
             contrast = np.concatenate([contrast, np.full(int(new.sum()), np.nan)])
     raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
@@ -845,7 +957,8 @@ def cnmf_units(
                 & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast))
     if extra_score:
         score[~is_cnmf] = extra_score
-        accepted[~is_cnmf] = True
+        m_area = masks[~is_cnmf].sum(axis=(1, 2))
+        accepted[~is_cnmf] = (m_area >= cp.morph_min_area_fraction * r2) & (m_area <= cp.max_area_fraction * r2)
     fp_dense = np.zeros((n, ny * nx), np.float32)
     if n:
         fp_dense[:] = A.toarray()

@@ -286,7 +286,7 @@ def train_classifier(
                     if flip[i]:
                         img[i, 0] = img[i, 0][:, ::-1]
             inputs = _as_input(batch if len(batch) > 1 else batch[0])
-            logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+            logits = model(inputs)
             loss = losses.multiclass_hinge_loss(logits, torch.from_numpy(labels[idx]))
             opt.zero_grad()
             loss.backward()
@@ -328,7 +328,7 @@ def predict_classifier(
             if len(parts) > 1
             else parts[0][s : s + batch_size]
         )
-        logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        logits = model(inputs)
         out.append(torch.softmax(logits, dim=1)[:, 1].numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
@@ -369,7 +369,7 @@ def train_lstm(
     train, val = _split(len(labels), params, rng)
     hist = History(n_train=len(train), n_val=len(val))
     pos = max(float(labels[train].sum()), 1.0)
-    pos_weight = torch.tensor((len(train) - pos) / pos)
+    pos_weight = (len(train) - pos) / pos
     t0 = time.perf_counter()
     steps = math.ceil(len(train) / params.batch_size)
     for epoch in range(params.epochs):
