@@ -170,3 +170,25 @@ def test_morphology_masks_seed_components_unless_covered():
     covered = C._add_morphology(R2, morph, [disk.ravel().astype(np.float32)], [c_true], [np.arange(h * w)], [True],
                                 (h, w), params)
     assert covered == [] and np.array_equal(R2, R)
+
+
+@pytest.mark.parametrize("bias, kept", [(-20.0, False), (20.0, True)])
+def test_lstm_seed_cleansing_plugs_in(sim, movie, tmp_path, bias, kept):
+    """`seeds.classifier: lstm` asks the LSTM about every seed's trace: a model that says
+    "no transient" everywhere drops every seed, one that says "transient" keeps them all."""
+    torch = pytest.importorskip("torch")
+    from somaflow.nn import build_model, save_checkpoint
+    from somaflow.preprocess.summary import SummaryParams, summary_images
+
+    net = build_model("lstm")
+    with torch.no_grad():
+        net.fc.bias.fill_(bias)
+    ckpt = tmp_path / "lstm.safetensors"
+    save_checkpoint(net, str(ckpt), model_name="lstm", config=net.config)
+    images = summary_images(movie, SummaryParams.for_movie(10.0, "2p", 5.0))
+    base = S.SeedParams.for_movie(10.0, "2p", 5.0)
+    plain = S.find_seeds(movie, images, base)
+    cleansed = S.find_seeds(movie, images, base.model_copy(update={"classifier": "lstm",
+                                                                   "classifier_weights": str(ckpt)}))
+    assert plain.sizes["seed"] > 0
+    assert cleansed.sizes["seed"] == (plain.sizes["seed"] if kept else 0)

@@ -242,7 +242,8 @@ def cnmf(
         fit_movie = xr.open_zarr(stores.filesystem(fit_url)[0].get_mapper(stores.filesystem(fit_url)[1]),
                                  consolidated=False)["movie"]
         images = _fit_images(fit_movie, params.neuron_radius)
-        seeds = find_seeds(fit_movie, images, params.seeds)
+        # the seed traces are on the binned fit movie: k frames per sample
+        seeds = find_seeds(fit_movie, images, params.seeds.model_copy(update={"fps": fps / k}))
         pts = np.stack([seeds["y"].values, seeds["x"].values], axis=1) if seeds.sizes["seed"] else np.zeros((0, 2), int)
         pnr = seeds["pnr"].values
         mm = (np.asarray(morph_masks, bool) if (morph_masks is not None and params.seed_morphology)

@@ -58,6 +58,13 @@ class SeedParams(BaseModel):
     background_radii: float = Field(3.0, gt=0, description="wide Gaussian subtracted from projections (r)")
     min_distance_radii: float = Field(1.0, gt=0, description="minimum seed spacing (r)")
     gmm: bool = Field(True, description="cleanse seeds with a 2-component GMM on peak-valley")
+    classifier: str = Field("none", pattern="^(none|lstm)$",
+                            description="learned seed cleansing: 'lstm' also drops seeds whose trace the LSTM "
+                                        "classifier (somaflow.classify.lstm) finds no transient in")
+    classifier_weights: str = Field("default", description="LSTM checkpoint path/URL, or 'default'")
+    classifier_threshold: float = Field(0.5, gt=0, lt=1, description="LSTM probability needed to keep a seed")
+    fps: float | None = Field(None, gt=0, description="frame rate of the seed traces (Hz; the LSTM resamples "
+                                                     "to 10 Hz)")
     min_pnr: float = Field(3.0, ge=0, description="seeds below this peak-valley/noise are dropped anyway")
     merge_distance_radii: float = Field(2.0, ge=0, description="merge synchronous seeds closer than this (r)")
     merge_correlation: float = Field(0.8, ge=-1, le=1, description="active-period correlation to merge")
@@ -66,7 +73,7 @@ class SeedParams(BaseModel):
     @classmethod
     def for_movie(cls, fps: float, modality: str, neuron_radius: float) -> SeedParams:
         """Defaults for a movie: lengths follow ``neuron_radius``."""
-        return cls(neuron_radius=float(neuron_radius))
+        return cls(neuron_radius=float(neuron_radius), fps=float(fps))
 
 
 def find_seeds(movie: xr.DataArray, images: xr.Dataset, params: SeedParams) -> xr.Dataset:
@@ -113,6 +120,14 @@ def find_seeds(movie: xr.DataArray, images: xr.Dataset, params: SeedParams) -> x
     keep = pnr >= params.min_pnr
     if params.gmm and len(pts) >= 8:
         keep &= _gmm_upper(np.log(np.maximum(pnr, 1e-3)))
+    if params.classifier == "lstm" and keep.any():
+        from somaflow.classify.lstm import seed_transient_probability
+
+        prob = seed_transient_probability(traces[keep], params.fps or 10.0, weights=params.classifier_weights)
+        lstm_keep = np.zeros_like(keep)
+        lstm_keep[np.flatnonzero(keep)] = prob >= params.classifier_threshold
+        log.info("LSTM seed cleansing: %d of %d seeds hold a transient", int(lstm_keep.sum()), int(keep.sum()))
+        keep &= lstm_keep
     pts, src, traces, pnr = pts[keep], src[keep], traces[keep], pnr[keep]
     order = _merge(pts, traces, pnr, params)
     pts, src, traces, pnr = pts[order], src[order], traces[order], pnr[order]
