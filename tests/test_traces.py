@@ -64,7 +64,7 @@ def scene():
 
 def test_recovers_known_traces(scene):
     movie, masks, truth = scene
-    ds = extract_traces(as_movie(movie), as_masks(masks), TraceParams(neuropil_coefficient=0)).compute()
+    ds = extract_traces(as_movie(movie), as_masks(masks), TraceParams(neuropil_coefficient=0, denoise=False)).compute()
     assert ds.traces.dims == ("unit", "frame") and ds.traces.dtype == np.float32
     assert ds.traces.shape == truth.shape
     for i in range(len(truth)):
@@ -73,7 +73,7 @@ def test_recovers_known_traces(scene):
 
 def test_chunked_equals_eager_and_dense_reference(scene):
     movie, masks, _ = scene
-    p = TraceParams(fps=FPS)
+    p = TraceParams(fps=FPS, denoise=False)
     chunked = extract_traces(as_movie(movie, 37), as_masks(masks), p).compute()
     eager = extract_traces(as_movie(movie, None), as_masks(masks), p).compute()
     for name in ("traces", "dff", "spikes", "snr"):
@@ -89,7 +89,7 @@ def test_chunked_equals_eager_and_dense_reference(scene):
 
 def test_traces_are_frame_chunked_like_the_movie(scene):
     movie, masks, _ = scene
-    ds = extract_traces(as_movie(movie, 50), as_masks(masks), TraceParams())
+    ds = extract_traces(as_movie(movie, 50), as_masks(masks), TraceParams(denoise=False))
     assert ds.traces.data.chunks[1] == (50,) * 6
 
 
@@ -116,7 +116,7 @@ def test_neuropil_subtraction_removes_a_shared_background():
     truth = 50 * (1 + calcium(rng, len(masks), n_frames, 0.85))
     neuropil = 30 + 20 * np.sin(np.arange(n_frames) / 7.0)
     movie = neuropil[:, None, None] + np.einsum("uyx,ut->tyx", masks.astype(float), truth)
-    p = TraceParams(neuropil_coefficient=1.0, min_neuropil_pixels=1)
+    p = TraceParams(neuropil_coefficient=1.0, min_neuropil_pixels=1, denoise=False)
     ds = extract_traces(as_movie(movie.astype(np.float32)), as_masks(masks), p).compute()
     np.testing.assert_allclose(ds.traces, truth, rtol=1e-5)
 
@@ -245,3 +245,25 @@ def test_params_derive_and_validate():
         TraceParams(baseline_percentile=120)
     with pytest.raises(ValidationError):
         TraceParams(extra_field=1)
+
+
+def test_traces_are_the_denoised_calcium():
+    """By default `traces` is OASIS's denoised fit of ΔF/F (CONTRACT: denoised calcium): closer
+    to the true calcium than the noisy ΔF/F it came from."""
+    rng = np.random.default_rng(3)
+    T = 600
+    spikes = (rng.random(T) < 0.03).astype(float)
+    calcium = np.zeros(T)
+    for t in range(1, T):
+        calcium[t] = 0.9 * calcium[t - 1] + spikes[t]
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 7:13, 7:13] = True
+    movie = 100 + rng.normal(0, 40, (T, 20, 20))
+    movie[:, mask[0]] += 20 * calcium[:, None]
+    ds = extract_traces(as_movie(movie.astype(np.float32)), as_masks(mask),
+                        TraceParams(fps=FPS, neuropil_coefficient=0)).compute()
+    r_dff = np.corrcoef(ds.dff.values[0], calcium)[0, 1]
+    r_trace = np.corrcoef(ds.traces.values[0], calcium)[0, 1]
+    assert r_trace > r_dff + 0.02
+    expected = deconvolve(ds.dff.values[0].astype(np.float64), FPS, params=TraceParams().deconvolution).calcium
+    np.testing.assert_allclose(ds.traces.values[0], np.ravel(expected), rtol=1e-4, atol=1e-5)

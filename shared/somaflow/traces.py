@@ -99,6 +99,8 @@ class TraceParams(BaseModel):
 
     fps: float | None = Field(None, gt=0, description="frame rate (Hz); None = movie.attrs['fps']")
     neuropil_coefficient: float = Field(0.7, ge=0, le=2, description="F = F_cell - c * F_neuropil")
+    denoise: bool = Field(True, description="`traces` = OASIS-denoised calcium of the ΔF/F (CONTRACT: denoised "
+                                            "calcium); False keeps the neuropil-corrected fluorescence")
     neuropil_inner_gap: float = Field(2.0, ge=0, description="pixels between mask and annulus")
     neuropil_width: float = Field(10.0, gt=0, description="annulus width (pixels)")
     min_neuropil_pixels: int = Field(50, ge=1, description="widen the annulus up to 4x to reach this")
@@ -172,15 +174,17 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
     -------
     xarray.Dataset
         ``traces`` (unit, frame) float32
-            neuropil-corrected fluorescence ``F`` (movie units).
+            denoised calcium: OASIS's fit to ΔF/F (dimensionless); with
+            ``params.denoise=False`` the neuropil-corrected fluorescence ``F``
+            (movie units).
         ``dff`` (unit, frame) float32
             ΔF/F (dimensionless).
         ``spikes`` (unit, frame) float32
             non-negative deconvolved activity (OASIS; ΔF/F jump per frame).
         ``snr`` (unit) float32
             peak-to-noise ratio of ΔF/F (dimensionless).
-        ``traces`` is chunked like the movie's frames; the others are chunked
-        along units with whole traces. Zero units give (0, frame) arrays.
+        ``traces`` with ``denoise=False`` is chunked like the movie's frames;
+        the others are chunked along units with whole traces. Zero units give (0, frame) arrays.
 
     Raises
     ------
@@ -228,12 +232,15 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
         min_fraction=params.min_baseline_fraction, dtype=np.float64,
     )
-    spikes = da.map_blocks(_spike_block, dff, fps=fps, params=params.deconvolution, dtype=np.float64)
+    oasis = da.map_blocks(_oasis_block, dff, fps=fps, params=params.deconvolution, new_axis=0,
+                          chunks=((2,), *dff.chunks), dtype=np.float64)
+    spikes = oasis[1]
+    trace = oasis[0] if params.denoise else corrected
     n_smooth = max(1, int(round(params.deconvolution.tau_s * fps / 2)))
     snr = da.map_blocks(_snr_block, dff, n=n_smooth, drop_axis=1, dtype=np.float64)
     return xr.Dataset(
         {
-            "traces": (("unit", "frame"), corrected.astype(np.float32)),
+            "traces": (("unit", "frame"), trace.astype(np.float32)),
             "dff": (("unit", "frame"), dff.astype(np.float32)),
             "spikes": (("unit", "frame"), spikes.astype(np.float32)),
             "snr": (("unit",), snr.astype(np.float32)),
@@ -494,9 +501,11 @@ def dff_rows(
     return (f - f0) / np.maximum(f0, floor[:, None])
 
 
-def _spike_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:
-    """(unit, frame) OASIS spikes of rows holding whole ΔF/F traces."""
-    return deconvolve(dff, fps, params=params).spikes
+def _oasis_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:
+    """(2, unit, frame): OASIS denoised calcium and spikes of rows holding whole ΔF/F traces."""
+    res = deconvolve(dff, fps, params=params)
+    return np.stack([np.asarray(res.calcium, np.float64).reshape(dff.shape),
+                     np.asarray(res.spikes, np.float64).reshape(dff.shape)])
 
 
 def _snr_block(dff: np.ndarray, *, n: int) -> np.ndarray:
