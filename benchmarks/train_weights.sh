@@ -11,6 +11,9 @@ mkdir -p "$W" "$CACHE"
 for m in unet2d meanimage2d stneuronet convnet2p1d; do
   .venv/bin/somaflow train "$m" --out "$W/$m.safetensors"
 done
+# STNeuroNet: 6 more epochs from there (fresh Adam state, same crops): 12 in all
+.venv/bin/somaflow train stneuronet --init "$W/stneuronet.safetensors" --lr 5e-4 --epochs 6 \
+  --out "$W/stneuronet.safetensors"
 for m in 3cnet 3cnet-plus lstm; do
   .venv/bin/somaflow train "$m" --out "$W/$m.safetensors" --cache "$CACHE"
 done
