@@ -51,7 +51,8 @@ def classifier_section(presets: list[str], seeds: list[int], cache: str | None) 
     images, vectors, windows, labels, _ = _candidate_set(presets, seeds, None, cache, "3cnet")
     _, _, _, active, _ = _candidate_set(presets, seeds, None, cache, "lstm")
     backend = LocalBackend()
-    out = {"n_candidates": int(len(labels)), "n_cells": int(labels.sum()), "presets": presets, "seeds": seeds}
+    out = {"n_candidates": int(len(labels)), "n_cells": int(labels.sum()), "presets": presets, "seeds": seeds,
+           "always_cell_accuracy": float(labels.mean()) if len(labels) else None}
     for name, x, truth in (("3cnet", images, labels), ("3cnet-plus", (images[:, :1], vectors), labels),
                            ("lstm", nd.stack_windows(windows), active)):
         t0 = time.perf_counter()

@@ -112,7 +112,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "3cnet": Recipe(
         TWO_P + ONE_P,
-        tuple(range(1000, 1012)),
+        tuple(range(1000, 1006)),
         (),
         epochs=12,
         batch_size=64,
@@ -121,7 +121,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "3cnet-plus": Recipe(
         TWO_P + ONE_P,
-        tuple(range(1000, 1012)),
+        tuple(range(1000, 1006)),
         (),
         epochs=12,
         batch_size=64,
@@ -130,7 +130,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "lstm": Recipe(
         TWO_P + ONE_P,
-        tuple(range(1000, 1012)),
+        tuple(range(1000, 1006)),
         (),
         epochs=12,
         batch_size=64,
