@@ -348,3 +348,16 @@ def test_neurofinder_set():
     assert s.channels.shape == (4, 512, 256) and s.channels.dtype == np.float32
     assert s.masks.shape[1:] == (512, 256) and len(s.masks) > 100
     assert s.target.dtype == np.uint8 and 0.02 < s.target.mean() < 0.3
+
+
+def test_separated_target_keeps_touching_cells_apart():
+    from scipy import ndimage
+
+    masks = np.zeros((2, 20, 30), bool)
+    masks[0, 5:15, 3:15] = True
+    masks[1, 5:15, 15:27] = True  # touches cell 0 along a column
+    joined = D.union_target(masks)
+    assert ndimage.label(joined)[1] == 1
+    apart = D.union_target(masks, gap=1)
+    assert ndimage.label(apart)[1] == 2
+    assert apart.sum() == joined.sum() - 2 * 10  # one column on each side of the contact

@@ -163,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_model(
         args.model, args.out, data=args.data or ["simulator"], init=args.init, presets=args.presets,
         seeds=args.seeds, epochs=args.epochs, lr=args.lr, n_frames=args.frames, max_seconds=args.max_seconds,
-        threads=args.threads, cache=args.cache, fps=args.fps, neuron_radius=args.neuron_radius, seed=args.seed,
+        threads=args.threads, cache=args.cache, target=args.target, fps=args.fps, neuron_radius=args.neuron_radius, seed=args.seed,
     )
     _emit(args, summary, _format_train)
     return 0
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seconds", type=float, help="stop training after this long")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.add_argument("--cache", metavar="DIR", help="keep simulated classifier candidates here for reuse")
+    s.add_argument("--target", choices=["union", "separated", "centroid"],
+                   help="detector target per pixel (separated: touching cells kept 1 px apart)")
     s.add_argument("--fps", type=float, default=7.0, help="frame rate of labelled folders (default 7)")
     s.add_argument("--neuron-radius", type=float, default=5.0, help="soma radius of labelled folders, px")
     s.add_argument("--seed", type=int, default=0, help="seed of crops, split and initial weights")

@@ -689,7 +689,7 @@ def _check_masks(masks: np.ndarray, who: str) -> np.ndarray:
     return m.astype(bool, copy=False)
 
 
-def union_target(masks: np.ndarray, *, exclude_overlaps: bool = False) -> np.ndarray:
+def union_target(masks: np.ndarray, *, exclude_overlaps: bool = False, gap: int = 0) -> np.ndarray:
     """Pixel-wise neuron target: 1 where any mask is.
 
     Parameters
@@ -699,6 +699,10 @@ def union_target(masks: np.ndarray, *, exclude_overlaps: bool = False) -> np.nda
     exclude_overlaps : bool
         Set pixels covered by two or more masks to 0, so overlapping cells
         come apart in the target (and the post-processing's watershed).
+    gap : int
+        Also set to 0 the pixels within ``gap`` px of another cell (the
+        U-Net paper's separation of touching cells, as a target instead of a
+        loss weight): touching cells become separate components.
 
     Returns
     -------
@@ -708,8 +712,15 @@ def union_target(masks: np.ndarray, *, exclude_overlaps: bool = False) -> np.nda
     m = _check_masks(masks, "union_target")
     count = m.sum(axis=0, dtype=np.uint16)
     out = count >= 1
-    if exclude_overlaps:
+    if exclude_overlaps or gap > 0:
         out &= count < 2
+    if gap > 0 and len(m):
+        from scipy import ndimage
+
+        grown = np.zeros(m.shape[1:], np.uint16)
+        for cell in m:
+            grown += ndimage.binary_dilation(cell, iterations=int(gap))
+        out &= grown < 2
     return out.astype(np.uint8)
 
 
@@ -1450,9 +1461,11 @@ def _default_target(kind: str) -> str:
 def _target(masks: np.ndarray, target: str) -> np.ndarray:
     if target == "union":
         return union_target(masks)
+    if target == "separated":
+        return union_target(masks, gap=1)
     if target == "centroid":
         return centroid_target(masks)
-    raise ParameterError(f"target must be 'union' or 'centroid', got {target!r}.")
+    raise ParameterError(f"target must be 'union', 'separated' or 'centroid', got {target!r}.")
 
 
 def simulated_detector_set(
@@ -1501,7 +1514,7 @@ def simulated_detector_set(
         Override the presets' frame count (keeps sets small).
     batch_frames : int, optional
         Binned frames per example for the movie kinds (default 120).
-    target : {"union", "centroid"}, optional
+    target : {"union", "separated", "centroid"}, optional
         Target per pixel; default ``union`` for STNeuroNet and the U-Net,
         ``centroid`` (4-px disks, Apthorpe et al.) for the (2+1)D and
         mean-image ConvNets.

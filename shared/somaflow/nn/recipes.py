@@ -61,6 +61,7 @@ class Recipe:
     n_crops: int = 32
     batch_frames: int | None = None
     n_frames: int | None = None
+    target: str | None = None  # "union", "separated" (touching cells apart) or "centroid"; None: the kind's default
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,6 +247,7 @@ def train_model(
     max_seconds: float | None = None,
     threads: int | None = None,
     cache: str | None = None,
+    target: str | None = None,
     fps: float = 7.0,
     neuron_radius: float = 5.0,
     seed: int = 0,
@@ -268,6 +270,8 @@ def train_model(
         Stop training after this long (s).
     threads : int, optional
         torch CPU threads.
+    target : {"union", "separated", "centroid"}, optional
+        Detector target per pixel (default: the recipe's).
     cache : str, optional
         Folder/URL where simulated classifier candidates are kept (they take a
         CNMF run per session): reused by later runs with the same presets,
@@ -332,6 +336,7 @@ def train_model(
         "init": init,
         "params": params.model_dump(),
         "recipe": model_name,
+        "target": target or recipe.target,
     }
     metrics: dict[str, Any] = {}
     session_stats: list[dict[str, Any]] = []
@@ -349,6 +354,7 @@ def train_model(
                 rng=rng,
                 n_frames=n_frames or recipe.n_frames,
                 batch_frames=recipe.batch_frames,
+                target=target or recipe.target,
             )
             xs.append(x)
             ys.append(y)
@@ -372,7 +378,7 @@ def train_model(
             real.append(_result_session(model_name, url))
         for s in real:
             session_stats.append(s.stats)
-            x, y = _real_crops(model_name, s, recipe, rng)
+            x, y = _real_crops(model_name, s, recipe, rng, target)
             xs.append(x)
             ys.append(y)
         if not xs:
@@ -490,15 +496,12 @@ def _candidate_set(presets: Sequence[str], seeds: Sequence[int], n_frames: int |
 
 
 def _real_crops(
-    kind: str, s: Session, recipe: Recipe, rng: np.random.Generator
+    kind: str, s: Session, recipe: Recipe, rng: np.random.Generator, target_kind: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     from somaflow.nn import data as nd
 
-    target = (
-        nd.centroid_target(s.masks)
-        if kind in ("convnet2p1d", "meanimage2d")
-        else nd.union_target(s.masks)
-    )
+    target_kind = target_kind or recipe.target or nd._default_target(kind)
+    target = nd._target(s.masks, target_kind)
     n = recipe.n_crops * 4  # a real session is larger than a simulated one
     if kind in MOVIE_KINDS:
         T = recipe.batch_frames or 120
