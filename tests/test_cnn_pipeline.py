@@ -166,3 +166,27 @@ def test_run_with_a_detector_and_the_classifier(unet_weights, make_movie, tmp_pa
     np.testing.assert_array_equal(ds["accepted"].values, ds["accepted"].values & (ds["cnn_score"].values >= 0.5))
     assert json.loads(ds.attrs["ood_warnings"]) == []
     assert json.loads(ds.attrs["params"])["classify"]["classifier"] == "3cnet"
+
+
+def test_classifier_and_lstm_loops_learn_a_separable_problem():
+    """3CNet+ (image + trace branch) and the LSTM on toy candidates whose class shows in the
+    trace: the loss goes down and validation metrics are reported."""
+    from somaflow.nn import build_model
+    from somaflow.nn.train import TrainParams, train_classifier, train_lstm
+
+    rng = np.random.default_rng(1)
+    n = 48
+    labels = np.arange(n) % 2
+    traces = rng.normal(0, 1, (n, 64)).astype(np.float32)
+    traces[labels == 1, 30:34] += 6  # a transient
+    images = rng.normal(0, 1, (n, 1, 92, 92)).astype(np.float32)
+    p = TrainParams(epochs=4, batch_size=8, lr=2e-3, val_fraction=0.25, threads=1)
+    torch.manual_seed(0)
+    hist = train_classifier(build_model("3cnet-plus", width=4, hidden=8), (images, traces), labels, p)
+    assert hist.loss[-1] < hist.loss[0]
+    assert set(hist.val[-1]) == {"accuracy", "precision", "recall", "f1"}
+    windows = np.repeat(traces[:, None, :], 1, axis=1)
+    windows = np.concatenate([windows, np.zeros((n, 1, 36), np.float32)], axis=2)  # (n, 1, 100)
+    hist = train_lstm(build_model("lstm", hidden=8), windows, labels, p.model_copy(update={"epochs": 6, "lr": 1e-2}))
+    assert hist.loss[-1] < hist.loss[0]
+    assert hist.n_val == 12

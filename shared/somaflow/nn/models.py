@@ -658,8 +658,10 @@ class LSTMTraceClassifier(nn.Module):
             raise InputError(
                 "LSTMTraceClassifier got W = 0 windows. Pass traces at least one window long."
             )
-        _, (h, _) = self.lstm(x.reshape(b * w, n, 1))
-        return self.fc(h[-1]).reshape(b, w)
+        # a logit at every time step, max over time: a transient anywhere in the window counts
+        # (reading only the last hidden state has to carry it to the window's end)
+        out, _ = self.lstm(x.reshape(b * w, n, 1))
+        return self.fc(out).amax(dim=1).reshape(b, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B,)``: the maximum of the per-window logits."""

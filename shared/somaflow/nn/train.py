@@ -157,40 +157,58 @@ def train_detector(
         )
     opt, rng = _setup(model, params)
     train, val = _split(len(x), params, rng)
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        xb, yb = x[idx], y[idx]
+        if params.augment:
+            pairs = [augment(xi, yi, rng) for xi, yi in zip(xb, yb, strict=True)]
+            xb = np.stack([p[0] for p in pairs])
+            yb = np.stack([p[1] for p in pairs])
+        logits = model(_detector_tensor(xb, movie_input))
+        target = torch.from_numpy(np.ascontiguousarray(yb, np.int64))
+        loss = losses.dice_loss(logits, target)
+        if params.ce_weight:
+            loss = loss + params.ce_weight * torch.nn.functional.cross_entropy(logits, target)
+        return loss
+
+    return _fit(model, opt, rng, params, train, val, batch_loss,
+                lambda v: _validate_detector(model, x[v], y[v], movie_input, params.batch_size))
+
+
+def _fit(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    params: TrainParams,
+    train: np.ndarray,
+    val: np.ndarray,
+    batch_loss: Any,
+    validate: Any,
+    sample_p: np.ndarray | None = None,
+) -> History:
+    """The epoch loop every model shares: sample batches of ``train`` (uniformly without
+    replacement, or with replacement by ``sample_p``), step on ``batch_loss(idx)``, run
+    ``validate(val)`` after each epoch, stop early after ``params.max_seconds``."""
     hist = History(n_train=len(train), n_val=len(val))
     t0 = time.perf_counter()
+    steps = math.ceil(len(train) / params.batch_size)
+    size = min(params.batch_size, len(train))
     for epoch in range(params.epochs):
         model.train()
-        total, count = 0.0, 0
-        for _ in range(math.ceil(len(train) / params.batch_size)):
-            idx = rng.choice(train, size=min(params.batch_size, len(train)), replace=False)
-            xb, yb = x[idx], y[idx]
-            if params.augment:
-                pairs = [augment(xi, yi, rng) for xi, yi in zip(xb, yb, strict=True)]
-                xb = np.stack([p[0] for p in pairs])
-                yb = np.stack([p[1] for p in pairs])
-            logits = model(_detector_tensor(xb, movie_input))
-            target = torch.from_numpy(np.ascontiguousarray(yb, np.int64))
-            loss = losses.dice_loss(logits, target)
-            if params.ce_weight:
-                loss = loss + params.ce_weight * torch.nn.functional.cross_entropy(logits, target)
+        total = 0.0
+        for _ in range(steps):
+            idx = (rng.choice(train, size=size, replace=False) if sample_p is None
+                   else rng.choice(train, size=size, replace=True, p=sample_p))
+            loss = batch_loss(idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        hist.loss.append(total / max(count, 1))
+            total += float(loss.detach())
+        hist.loss.append(total / steps)
         if len(val):
-            hist.val.append(
-                _validate_detector(model, x[val], y[val], movie_input, params.batch_size)
-            )
-        log.info(
-            "epoch %d/%d: loss %.4f %s",
-            epoch + 1,
-            params.epochs,
-            hist.loss[-1],
-            hist.val[-1] if hist.val else "",
-        )
+            hist.val.append(validate(val))
+        log.info("epoch %d/%d: loss %.4f %s", epoch + 1, params.epochs, hist.loss[-1],
+                 hist.val[-1] if hist.val else "")
         if params.max_seconds and time.perf_counter() - t0 > params.max_seconds:
             hist.stopped_early = epoch + 1 < params.epochs
             break
@@ -258,7 +276,6 @@ def train_classifier(
         raise ValueError("need one label per candidate and at least one candidate")
     opt, rng = _setup(model, params)
     train, val = _split(n, params, rng)
-    hist = History(n_train=len(train), n_val=len(val))
     # class-balanced sampling: each class drawn equally often
     weights = np.ones(len(train))
     for c in (0, 1):
@@ -266,51 +283,26 @@ def train_classifier(
         if k:
             weights[labels[train] == c] = 0.5 / k
     weights /= weights.sum()
-    t0 = time.perf_counter()
-    steps = math.ceil(len(train) / params.batch_size)
-    for epoch in range(params.epochs):
-        model.train()
-        total = 0.0
-        for _ in range(steps):
-            idx = rng.choice(
-                train, size=min(params.batch_size, len(train)), replace=True, p=weights
-            )
-            batch = tuple(p[idx].copy() for p in parts)
-            if params.augment:
-                img = batch[0]
-                k = rng.integers(0, 4, size=len(idx))
-                flip = rng.random(len(idx)) < 0.5
-                for i in range(len(idx)):
-                    # rotate/flip the image channel only: the trace channel is not an image
-                    img[i, 0] = np.rot90(img[i, 0], k[i])
-                    if flip[i]:
-                        img[i, 0] = img[i, 0][:, ::-1]
-            inputs = _as_input(batch if len(batch) > 1 else batch[0])
-            logits = model(inputs)
-            loss = losses.multiclass_hinge_loss(logits, torch.from_numpy(labels[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        hist.loss.append(total / steps)
-        if len(val):
-            prob = predict_classifier(
-                model, tuple(p[val] for p in parts) if len(parts) > 1 else parts[0][val]
-            )
-            hist.val.append(binary_metrics(prob >= 0.5, labels[val] == 1))
-        log.info(
-            "epoch %d/%d: loss %.4f %s",
-            epoch + 1,
-            params.epochs,
-            hist.loss[-1],
-            hist.val[-1] if hist.val else "",
-        )
-        if params.max_seconds and time.perf_counter() - t0 > params.max_seconds:
-            hist.stopped_early = epoch + 1 < params.epochs
-            break
-    hist.seconds = time.perf_counter() - t0
-    model.eval()
-    return hist
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        batch = tuple(p[idx].copy() for p in parts)
+        if params.augment:
+            img = batch[0]
+            k = rng.integers(0, 4, size=len(idx))
+            flip = rng.random(len(idx)) < 0.5
+            for i in range(len(idx)):
+                # rotate/flip the image channel only: the trace channel is not an image
+                img[i, 0] = np.rot90(img[i, 0], k[i])
+                if flip[i]:
+                    img[i, 0] = img[i, 0][:, ::-1]
+        logits = model(_as_input(batch if len(batch) > 1 else batch[0]))
+        return losses.multiclass_hinge_loss(logits, torch.from_numpy(labels[idx]))
+
+    def validate(v: np.ndarray) -> dict[str, float]:
+        prob = predict_classifier(model, tuple(p[v] for p in parts) if len(parts) > 1 else parts[0][v])
+        return binary_metrics(prob >= 0.5, labels[v] == 1)
+
+    return _fit(model, opt, rng, params, train, val, batch_loss, validate, sample_p=weights)
 
 
 @torch.no_grad()
@@ -367,33 +359,17 @@ def train_lstm(
     labels = np.asarray(labels, np.float32)
     opt, rng = _setup(model, params)
     train, val = _split(len(labels), params, rng)
-    hist = History(n_train=len(train), n_val=len(val))
     pos = max(float(labels[train].sum()), 1.0)
     pos_weight = (len(train) - pos) / pos
-    t0 = time.perf_counter()
-    steps = math.ceil(len(train) / params.batch_size)
-    for epoch in range(params.epochs):
-        model.train()
-        total = 0.0
-        for _ in range(steps):
-            idx = rng.choice(train, size=min(params.batch_size, len(train)), replace=False)
-            logits = model(torch.from_numpy(np.ascontiguousarray(windows[idx], np.float32)))
-            loss = losses.bce_loss(logits, torch.from_numpy(labels[idx]), pos_weight=pos_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        hist.loss.append(total / steps)
-        if len(val):
-            with torch.no_grad():
-                model.eval()
-                prob = torch.sigmoid(
-                    model(torch.from_numpy(np.ascontiguousarray(windows[val], np.float32)))
-                ).numpy()
-            hist.val.append(binary_metrics(prob >= 0.5, labels[val] == 1))
-        if params.max_seconds and time.perf_counter() - t0 > params.max_seconds:
-            hist.stopped_early = epoch + 1 < params.epochs
-            break
-    hist.seconds = time.perf_counter() - t0
-    model.eval()
-    return hist
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        logits = model(torch.from_numpy(np.ascontiguousarray(windows[idx], np.float32)))
+        return losses.bce_loss(logits, torch.from_numpy(labels[idx]), pos_weight=pos_weight)
+
+    @torch.no_grad()
+    def validate(v: np.ndarray) -> dict[str, float]:
+        model.eval()
+        prob = torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(windows[v], np.float32)))).numpy()
+        return binary_metrics(prob >= 0.5, labels[v] == 1)
+
+    return _fit(model, opt, rng, params, train, val, batch_loss, validate)
