@@ -39,6 +39,7 @@ import numpy as np
 import xarray as xr
 
 from somaflow.errors import InputError, ParameterError
+from somaflow.nn.data import DetectorInputParams as _DetectorInputParams
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ RECIPES: dict[str, Recipe] = {
         finetune_lr=2e-4,
     ),
 }
+
+#: binned frames per batch at inference; training crops are shorter
+INFERENCE_BATCH_FRAMES: int = _DetectorInputParams.model_fields["batch_frames"].default
 
 DETECTORS = ("stneuronet", "convnet2p1d", "unet2d", "meanimage2d")
 MOVIE_KINDS = ("stneuronet", "convnet2p1d")
@@ -409,7 +413,8 @@ def train_model(
         if val:
             model.eval()
             probs = [
-                _session_probability(model, model_name, s, recipe.batch_frames or 120) for s in val
+                # the threshold is for inference, which sees whole batches of the inference length
+                _session_probability(model, model_name, s, INFERENCE_BATCH_FRAMES) for s in val
             ]
             r = float(np.median([s.neuron_radius for s in val]))
             modality = val[0].stats.get("modality") or "2p"
