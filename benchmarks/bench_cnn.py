@@ -139,9 +139,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
             with torch.no_grad():
                 return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(b, np.float32))), 1)[:, 1].numpy()
 
-        x = ls.channels if name == "unet2d" else ls.channels[:1] if name == "meanimage2d" else None
-        if name == "meanimage2d":
-            x = nd.mean_channel(ls.images)
+        x = ls.channels if name == "unet2d" else nd.mean_channel(ls.images)
         prob = tiled(run, x[None], tile=256, margin=24)[0][half:]
         post = CnnParams.for_movie(ls.fps, "2p", ls.neuron_radius).postprocess.model_copy(update={"threshold": thr})
         pred = (masks_from_centroids(prob, mean[half:], post) if name == "meanimage2d"

@@ -47,6 +47,7 @@ from somaflow.nn.data import (
     input_statistics,
     mean_channel,
     out_of_distribution,
+    pad_batch,
     pixel_statistics,
     summary_channels,
 )
@@ -128,13 +129,8 @@ def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) ->
 
 def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
                 stats: xr.Dataset, p: CnnParams) -> np.ndarray:
-    block = np.asarray(movie.data[start:stop], np.float32)
-    if hasattr(block, "compute"):
-        block = block.compute()
-    batch = detector_batch(block, stats, p.input)
-    pad = -batch.shape[0] % p.input.pad_multiple
-    if pad:  # zero = the whitened resting level
-        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
+    block = np.asarray(movie.data[start:stop], np.float32)  # reads (computes) only this batch's frames
+    batch = pad_batch(detector_batch(block, stats, p.input), p.input.pad_multiple)
     return _predict_batch(model, weights, batch, p)
 
 

@@ -549,11 +549,18 @@ def detector_batches(
             bin_block(np.asarray(movie.data[a : min(a + step, stop)]), k)
             for a in range(start, stop, step)
         ]
-        batch = compensate(np.concatenate(pieces), stats, params)
-        pad = -batch.shape[0] % params.pad_multiple
-        if pad:
-            batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
-        yield start, batch
+        yield start, pad_batch(compensate(np.concatenate(pieces), stats, params), params.pad_multiple)
+
+
+def pad_batch(batch: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero-pad a (T, H, W) detector batch at its end to a multiple of ``multiple`` frames.
+
+    Zero is the whitened resting level, i.e. "no activity".
+    """
+    pad = -batch.shape[0] % multiple
+    if not pad:
+        return batch
+    return np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
 
 
 def detector_movie(

@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -67,78 +67,20 @@ class Recipe:
 
 
 #: training seeds start at 1000: far from the tests' (0-30) and the held-out benchmark seeds (100-102)
+_IMAGE = Recipe(TWO_P + ONE_P, tuple(range(1000, 1008)), (1100, 1101), epochs=20, batch_size=16, lr=1e-3,
+                finetune_lr=2e-4, n_crops=48)
+_MOVIE = Recipe(TWO_P + ONE_P, tuple(range(1000, 1004)), (1100,), epochs=6, batch_size=4, lr=5e-4,
+                finetune_lr=1e-4, crop=64, n_crops=24, batch_frames=32)
+_CLASSIFIER = Recipe(TWO_P + ONE_P, tuple(range(1000, 1006)), (), epochs=12, batch_size=64, lr=1e-3,
+                     finetune_lr=2e-4)
 RECIPES: dict[str, Recipe] = {
-    "unet2d": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1008)),
-        (1100, 1101),
-        epochs=20,
-        batch_size=16,
-        lr=1e-3,
-        finetune_lr=2e-4,
-        n_crops=48,
-    ),
-    "meanimage2d": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1008)),
-        (1100, 1101),
-        epochs=10,
-        batch_size=16,
-        lr=1e-3,
-        finetune_lr=2e-4,
-        n_crops=48,
-    ),
-    "stneuronet": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1004)),
-        (1100,),
-        epochs=6,
-        batch_size=4,
-        lr=5e-4,
-        finetune_lr=1e-4,
-        crop=64,
-        n_crops=24,
-        batch_frames=32,
-    ),
-    "convnet2p1d": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1004)),
-        (1100,),
-        epochs=6,
-        batch_size=4,
-        lr=5e-4,
-        finetune_lr=1e-4,
-        crop=64,
-        n_crops=24,
-        batch_frames=32,
-    ),
-    "3cnet": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1006)),
-        (),
-        epochs=12,
-        batch_size=64,
-        lr=1e-3,
-        finetune_lr=2e-4,
-    ),
-    "3cnet-plus": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1006)),
-        (),
-        epochs=12,
-        batch_size=64,
-        lr=1e-3,
-        finetune_lr=2e-4,
-    ),
-    "lstm": Recipe(
-        TWO_P + ONE_P,
-        tuple(range(1000, 1006)),
-        (),
-        epochs=12,
-        batch_size=64,
-        lr=1e-3,
-        finetune_lr=2e-4,
-    ),
+    "unet2d": _IMAGE,
+    "meanimage2d": replace(_IMAGE, epochs=10),
+    "stneuronet": _MOVIE,
+    "convnet2p1d": _MOVIE,
+    "3cnet": _CLASSIFIER,
+    "3cnet-plus": _CLASSIFIER,
+    "lstm": _CLASSIFIER,
 }
 
 #: binned frames per batch at inference; training crops are shorter
@@ -210,16 +152,18 @@ def _session_probability(model: Any, kind: str, s: Session, batch_frames: int) -
             out = model(torch.from_numpy(np.ascontiguousarray(block, np.float32)))
         return torch.softmax(out, 1)[:, 1].numpy()
 
+    from somaflow.detect.cnn import CnnParams
+    from somaflow.nn.data import batch_plan, pad_batch
+
+    tile, margin = (CnnParams.model_fields[k].default for k in ("tile", "margin"))  # as at inference
     if kind not in MOVIE_KINDS:
-        return tiled(run, s.inputs[None], tile=256, margin=24)[0]
+        return tiled(run, s.inputs[None], tile=tile, margin=margin)[0]
+    # the inputs are binned already: batches of binned frames, split and padded as at inference
+    plan = _DetectorInputParams(fps=1.0, bin_fps=None, batch_frames=batch_frames)
     probs = []
-    T = s.inputs.shape[0]
-    for t0 in range(0, max(T - batch_frames // 2, 1), batch_frames):
-        b = s.inputs[t0 : t0 + batch_frames]
-        pad = -b.shape[0] % 4
-        if pad:
-            b = np.concatenate([b, np.zeros((pad,) + b.shape[1:], np.float32)])
-        probs.append(tiled(run, b[None, None], tile=256, margin=24)[0])
+    for t0, t1 in batch_plan(s.inputs.shape[0], plan):
+        b = pad_batch(s.inputs[t0:t1], plan.pad_multiple)
+        probs.append(tiled(run, b[None, None], tile=tile, margin=margin)[0])
     return np.stack(probs) if kind == "stneuronet" else np.mean(probs, axis=0)
 
 
