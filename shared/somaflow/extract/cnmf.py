@@ -262,8 +262,11 @@ def cnmf(
                 continue
             block = fit_movie.data[:, region[0], region[1]]
             morph = (np.flatnonzero(m_inside), mm[m_inside][:, region[0], region[1]], m_core)
-            tasks.append(dask.delayed(fit_patch)(block, pts[inside], pnr[inside], in_core, region, core,
-                                                 (ny, nx), params, morph))
+            # the costliest patches (components x pixels) first, so no long task is left for the end
+            cost = (int(inside.sum()) + int(m_inside.sum())) * block.shape[1] * block.shape[2]
+            with dask.annotate(priority=cost):
+                tasks.append(dask.delayed(fit_patch)(block, pts[inside], pnr[inside], in_core, region, core,
+                                                     (ny, nx), params, morph))
         fits = list(dask.compute(*tasks)) if tasks else []
     finally:
         if own_tmp:
@@ -291,31 +294,53 @@ def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple
     return out
 
 
+_IMAGE_TILE = 256  # core size (pixels) of the tiles the fit movie's summary images are computed on
+
+
 def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
     """Summary images (correlation, PNR, ...) of the fit movie, spatially band-passed
     when ``r > 0`` (Gaussian of r/4 minus Gaussian of 2r, as CNMF-E filters before
-    computing them: single pixels are too noisy and neuropil too smooth)."""
+    computing them: single pixels are too noisy and neuropil too smooth).
+
+    One task per spatial tile of ``_IMAGE_TILE`` pixels plus a halo wide enough
+    for the filter and the neighbour correlations, holding every frame (the fit
+    movie is stored in all-frame tiles), so the tiles run in parallel and no
+    task holds whole frames of the whole movie.
+    """
     from somaflow.preprocess.summary import SummaryParams, summary_images
 
-    if r > 0:
-        movie = bandpass_movie(movie, r)
-    return summary_images(movie, SummaryParams()).compute()
+    data = movie.data if isinstance(movie.data, da.Array) else da.from_array(np.asarray(movie), chunks=-1)
+    ny, nx = data.shape[1:]
+    halo = (int(math.ceil(4 * 2 * r)) if r > 0 else 0) + 1
+    names = ("mean_image", "max_image", "std_image", "correlation_image", "pnr_image")
+
+    def tile_images(block: np.ndarray, crop: tuple[slice, slice]) -> np.ndarray:
+        b = np.asarray(block, np.float32)
+        if r > 0:
+            b = _bandpass(b, r)
+        arr = xr.DataArray(da.from_array(b, chunks=-1), dims=("frame", "y", "x"))
+        im = summary_images(arr, SummaryParams()).compute(scheduler="synchronous")
+        return np.stack([np.asarray(im[k].values)[crop] for k in names])
+
+    cuts = [np.unique(np.linspace(0, n, max(1, round(n / _IMAGE_TILE)) + 1).round().astype(int)) for n in (ny, nx)]
+    cores, tasks = [], []
+    for y0, y1 in zip(cuts[0][:-1], cuts[0][1:], strict=True):
+        for x0, x1 in zip(cuts[1][:-1], cuts[1][1:], strict=True):
+            ry0, rx0 = max(0, int(y0) - halo), max(0, int(x0) - halo)
+            ry1, rx1 = min(ny, int(y1) + halo), min(nx, int(x1) + halo)
+            crop = (slice(int(y0) - ry0, int(y1) - ry0), slice(int(x0) - rx0, int(x1) - rx0))
+            cores.append((slice(int(y0), int(y1)), slice(int(x0), int(x1))))
+            tasks.append(dask.delayed(tile_images)(data[:, ry0:ry1, rx0:rx1], crop))
+    out = np.zeros((len(names), ny, nx), np.float32)
+    for core, img in zip(cores, dask.compute(*tasks), strict=True):
+        out[:, core[0], core[1]] = img
+    return xr.Dataset({k: (("y", "x"), out[i]) for i, k in enumerate(names)})
 
 
-def bandpass_movie(movie: xr.DataArray, r: float) -> xr.DataArray:
-    """Per-frame difference of Gaussians (σ = r/4 minus σ = 2r), lazily, any chunking."""
+def _bandpass(b: np.ndarray, r: float) -> np.ndarray:
+    """(t, y, x) float32: per-frame difference of Gaussians, σ = r/4 minus σ = 2r (pixels)."""
     small, large = max(r / 4, 0.5), 2 * r
-    depth = int(math.ceil(4 * large))
-
-    def filt(b: np.ndarray) -> np.ndarray:
-        b = np.asarray(b, np.float32)
-        return (ndimage.gaussian_filter(b, (0, small, small)) - ndimage.gaussian_filter(b, (0, large, large)))
-
-    data = movie.data if isinstance(movie.data, da.Array) else da.from_array(np.asarray(movie), chunks=(64, -1, -1))
-    depth_y = min(depth, data.shape[1] - 1) if len(data.chunks[1]) > 1 else 0
-    depth_x = min(depth, data.shape[2] - 1) if len(data.chunks[2]) > 1 else 0
-    out = da.map_overlap(filt, data, depth={0: 0, 1: depth_y, 2: depth_x}, boundary="reflect", dtype=np.float32)
-    return xr.DataArray(out, dims=movie.dims, attrs=dict(movie.attrs))
+    return ndimage.gaussian_filter(b, (0, small, small)) - ndimage.gaussian_filter(b, (0, large, large))
 
 
 # ----------------------------------------------------------------------------- one patch
@@ -757,20 +782,28 @@ def _global_merge(fits: list[PatchFit], params: CnmfParams) -> tuple[sp.csr_matr
 
 # ----------------------------------------------------------------------------- units and traces
 def masks_from_footprints(footprints: sp.csr_matrix, shape: tuple[int, int], fraction: float) -> np.ndarray:
-    """(unit, y, x) bool: footprint ≥ ``fraction`` × max, the component holding the max, holes filled."""
+    """(unit, y, x) bool: footprint ≥ ``fraction`` × max, the component holding the max, holes filled.
+
+    Each footprint is labelled inside the bounding box of its support (plus a
+    one-pixel border), so the cost is the footprints' size, not units × frame.
+    """
     n = footprints.shape[0]
     out = np.zeros((n,) + shape, bool)
+    A = footprints.tocsr()
     for k in range(n):
-        row = footprints.getrow(k)
-        if row.nnz == 0:
+        lo, hi = A.indptr[k], A.indptr[k + 1]
+        if hi == lo:
             continue
-        img = np.zeros(shape[0] * shape[1], np.float32)
-        img[row.indices] = row.data
-        img = img.reshape(shape)
-        peak = np.unravel_index(np.argmax(img), shape)
+        idx, val = A.indices[lo:hi], A.data[lo:hi]
+        yy, xx = np.divmod(idx, shape[1])
+        y0, x0 = max(int(yy.min()) - 1, 0), max(int(xx.min()) - 1, 0)
+        y1, x1 = min(int(yy.max()) + 2, shape[0]), min(int(xx.max()) + 2, shape[1])
+        img = np.zeros((y1 - y0, x1 - x0), np.float32)
+        img[yy - y0, xx - x0] = val
+        peak = np.unravel_index(np.argmax(img), img.shape)
         above = img >= fraction * img[peak]
         lab, _ = ndimage.label(above, structure=np.ones((3, 3)))
-        out[k] = ndimage.binary_fill_holes(lab == lab[peak])
+        out[k, y0:y1, x0:x1] = ndimage.binary_fill_holes(lab == lab[peak])
     return out
 
 
@@ -911,13 +944,15 @@ def cnmf_units(
     if cp.add_silent:
         seeded = np.zeros(len(lm_masks), bool)
         seeded[origin[origin >= 0]] = True
-        mine = masks.reshape(len(masks), -1).astype(np.float32) * (contrast >= cp.min_contrast)[:, None]
-        cand = lm_masks.reshape(len(lm_masks), -1).astype(np.float32)
-        inter = cand @ mine.T if len(mine) else np.zeros((len(cand), 0))
+        # sparse mask rows: a dense (unit, pixel) product of a 512x512 field costs seconds
+        mine = sp.diags((contrast >= cp.min_contrast).astype(np.float32)) @ sp.csr_matrix(
+            masks.reshape(len(masks), -1), dtype=np.float32)
+        cand = sp.csr_matrix(lm_masks.reshape(len(lm_masks), -1), dtype=np.float32)
+        inter = (cand @ mine.T).toarray() if mine.shape[0] else np.zeros((len(lm_masks), 0))
         if cp.priority == "morphology" and inter.size:
             # a CNMF unit overlapping a morphology unit is that cell: keep the morphology mask
-            frac_c = inter / np.maximum(mine.sum(axis=1)[None, :], 1)
-            frac_m = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
+            frac_c = inter / np.maximum(np.asarray(mine.sum(axis=1)).ravel()[None, :], 1)
+            frac_m = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
             same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
             same &= origin < 0
             A, masks, rval, contrast = A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same]
@@ -925,8 +960,8 @@ def cnmf_units(
             kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
             new = ~seeded
         else:
-            frac = inter / np.maximum(cand.sum(axis=1, keepdims=True), 1)
-            new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(cand), bool)
+            frac = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
+            new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(lm_masks), bool)
             new &= ~seeded
         if new.any():
             add_masks = lm_masks[new]
