@@ -76,10 +76,12 @@ convention — with an area in ``[min_area_fraction, max_area_fraction] · π r�
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -241,7 +243,9 @@ def cnmf(
         schema.write_dataset(ds.drop_vars(list(ds.coords)), fit_url, overwrite=True)
         fit_movie = xr.open_zarr(stores.filesystem(fit_url)[0].get_mapper(stores.filesystem(fit_url)[1]),
                                  consolidated=False)["movie"]
-        images = _fit_images(fit_movie, params.neuron_radius)
+        # tasks read their own region of the fit movie: no read tasks queued on another worker
+        read = functools.partial(_read_region, fit_url)
+        images = _fit_images(fit_movie, params.neuron_radius, read=read)
         # the seed traces are on the binned fit movie: k frames per sample
         seeds = find_seeds(fit_movie, images, params.seeds.model_copy(update={"fps": fps / k}))
         pts = np.stack([seeds["y"].values, seeds["x"].values], axis=1) if seeds.sizes["seed"] else np.zeros((0, 2), int)
@@ -260,13 +264,12 @@ def cnmf(
             in_core, m_core = _in(pts[inside], core), _in(mc[m_inside], core)
             if not (in_core.any() or m_core.any()):
                 continue
-            block = fit_movie.data[:, region[0], region[1]]
             morph = (np.flatnonzero(m_inside), mm[m_inside][:, region[0], region[1]], m_core)
             # the costliest patches (components x pixels) first, so no long task is left for the end
-            cost = (int(inside.sum()) + int(m_inside.sum())) * block.shape[1] * block.shape[2]
-            with dask.annotate(priority=cost):
-                tasks.append(dask.delayed(fit_patch)(block, pts[inside], pnr[inside], in_core, region, core,
-                                                     (ny, nx), params, morph))
+            area = (region[0].stop - region[0].start) * (region[1].stop - region[1].start)
+            with dask.annotate(priority=(int(inside.sum()) + int(m_inside.sum())) * area):
+                tasks.append(dask.delayed(_read_fit_patch)(read, pts[inside], pnr[inside], in_core, region, core,
+                                                           (ny, nx), params, morph))
         fits = list(dask.compute(*tasks)) if tasks else []
     finally:
         if own_tmp:
@@ -297,7 +300,23 @@ def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple
 _IMAGE_TILE = 256  # core size (pixels) of the tiles the fit movie's summary images are computed on
 
 
-def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
+def _read_region(url: str, region: tuple[slice, slice]) -> np.ndarray:
+    """(frame, y, x) float32: ``region`` of the fit movie zarr at ``url``, read by the calling task."""
+    from somaflow.io import stores
+
+    fs, path = stores.filesystem(url)
+    movie = xr.open_zarr(fs.get_mapper(path), consolidated=False, chunks=None)["movie"]
+    return np.asarray(movie[:, region[0], region[1]].values, np.float32)
+
+
+def _read_fit_patch(read: Callable[[tuple[slice, slice]], np.ndarray], seeds: np.ndarray, pnr: np.ndarray,
+                    in_core: np.ndarray, region: tuple[slice, slice], *args: object) -> PatchFit:
+    """:func:`fit_patch` on ``read(region)`` (one task reads and fits its patch)."""
+    return fit_patch(read(region), seeds, pnr, in_core, region, *args)  # type: ignore[arg-type]
+
+
+def _fit_images(movie: xr.DataArray, r: float = 0.0,
+                read: Callable[[tuple[slice, slice]], np.ndarray] | None = None) -> xr.Dataset:
     """Summary images (correlation, PNR, ...) of the fit movie, spatially band-passed
     when ``r > 0`` (Gaussian of r/4 minus Gaussian of 2r, as CNMF-E filters before
     computing them: single pixels are too noisy and neuropil too smooth).
@@ -305,7 +324,8 @@ def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
     One task per spatial tile of ``_IMAGE_TILE`` pixels plus a halo wide enough
     for the filter and the neighbour correlations, holding every frame (the fit
     movie is stored in all-frame tiles), so the tiles run in parallel and no
-    task holds whole frames of the whole movie.
+    task holds whole frames of the whole movie. With ``read`` (region → array)
+    each task reads its own region instead of depending on ``movie``'s chunks.
     """
     from somaflow.preprocess.summary import SummaryParams, summary_images
 
@@ -314,8 +334,8 @@ def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
     halo = (int(math.ceil(4 * 2 * r)) if r > 0 else 0) + 1
     names = ("mean_image", "max_image", "std_image", "correlation_image", "pnr_image")
 
-    def tile_images(block: np.ndarray, crop: tuple[slice, slice]) -> np.ndarray:
-        b = np.asarray(block, np.float32)
+    def tile_images(block: np.ndarray | tuple[slice, slice], crop: tuple[slice, slice]) -> np.ndarray:
+        b = np.asarray(read(block) if read is not None else block, np.float32)  # type: ignore[arg-type]
         if r > 0:
             b = _bandpass(b, r)
         arr = xr.DataArray(da.from_array(b, chunks=-1), dims=("frame", "y", "x"))
@@ -330,7 +350,8 @@ def _fit_images(movie: xr.DataArray, r: float = 0.0) -> xr.Dataset:
             ry1, rx1 = min(ny, int(y1) + halo), min(nx, int(x1) + halo)
             crop = (slice(int(y0) - ry0, int(y1) - ry0), slice(int(x0) - rx0, int(x1) - rx0))
             cores.append((slice(int(y0), int(y1)), slice(int(x0), int(x1))))
-            tasks.append(dask.delayed(tile_images)(data[:, ry0:ry1, rx0:rx1], crop))
+            region = (slice(ry0, ry1), slice(rx0, rx1))
+            tasks.append(dask.delayed(tile_images)(region if read is not None else data[:, ry0:ry1, rx0:rx1], crop))
     out = np.zeros((len(names), ny, nx), np.float32)
     for core, img in zip(cores, dask.compute(*tasks), strict=True):
         out[:, core[0], core[1]] = img
