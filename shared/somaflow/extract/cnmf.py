@@ -144,6 +144,10 @@ class CnmfParams(BaseModel):
         "and which the fit found active (SNR, spatial correlation, size) takes its larger footprint mask")
     morph_covered_iou: float = Field(
         0.3, ge=0, le=1, description="a morphology mask whose IoU with a component's mask reaches this is covered")
+    morphology: Literal["local-maxima", "unet2d", "meanimage2d"] = Field(
+        "local-maxima", description="the anatomical detector whose masks are the morphology units "
+        "(add_silent, seed_morphology, priority): the summary-image local maxima, or a CNN detector "
+        "of somaflow.detect.cnn with the run's cnn parameters")
     priority: Literal["cnmf", "morphology"] = Field(
         "cnmf", description="which mask wins where a CNMF and a morphology unit overlap"
     )
@@ -938,7 +942,15 @@ def cnmf_units(
     cp = p.cnmf
     ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
     movie = trace_movie(corrected, p.preprocess)
-    lm = detect_local_maxima(images, p.detect) if (cp.add_silent or cp.seed_morphology) else None
+    lm = None
+    if cp.add_silent or cp.seed_morphology:
+        if cp.morphology == "local-maxima":
+            lm = detect_local_maxima(images, p.detect)
+        else:
+            from somaflow.detect.cnn import detect_cnn
+
+            lm = detect_cnn(corrected, images, cp.morphology, p.cnn, p.neuron_radius)
+            lm = lm.isel(unit=np.flatnonzero(lm["accepted"].values))
     lm_masks = np.asarray(lm["masks"].values, bool) if lm is not None else np.zeros((0, ny, nx), bool)
     lm_score = np.asarray(lm["score"].values, np.float64) if lm is not None else np.zeros(0)
     fit = cnmf(movie, cp, fps=p.fps, scratch_url=scratch_url,
@@ -1028,6 +1040,8 @@ def cnmf_units(
         "contrast": ("unit", np.asarray(contrast, np.float32)),
         "kind": ("unit", kind_arr),
     }, attrs={"n_seeds": int(fit.seeds.sizes["seed"])})
+    if lm is not None and "ood_warnings" in lm.attrs:
+        units.attrs["ood_warnings"] = lm.attrs["ood_warnings"]
     traces = xr.Dataset({
         "traces": (("unit", "frame"), np.asarray(dec.calcium, np.float32).reshape(n, -1)),
         "dff": (("unit", "frame"), dff.astype(np.float32)),

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 import zarr
@@ -259,7 +260,11 @@ def write_result(
     validate_result(ds)
     if "unit" in ds.dims and ds.sizes["unit"] > 0:
         ds = ds.chunk({"unit": min(ds.sizes["unit"], 256)})
-    return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options)
+    # a result is assembled in this process (or read lazily from the run's stage zarrs):
+    # encode it on local threads; a distributed client would ship every chunk through
+    # the scheduler and back (measured 8x slower for 937 units at 512x512)
+    with dask.config.set(scheduler="threads"):
+        return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options)
 
 
 def open_result(
