@@ -77,6 +77,7 @@ convention — with an area in ``[min_area_fraction, max_area_fraction] · π r�
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
@@ -144,12 +145,14 @@ class CnmfParams(BaseModel):
         "and which the fit found active (SNR, spatial correlation, size) takes its larger footprint mask")
     morph_covered_iou: float = Field(
         0.3, ge=0, le=1, description="a morphology mask whose IoU with a component's mask reaches this is covered")
-    morphology: Literal["local-maxima", "unet2d", "meanimage2d"] = Field(
-        "local-maxima", description="the anatomical detector whose masks are the morphology units "
+    morphology: Literal["auto", "local-maxima", "unet2d", "meanimage2d"] = Field(
+        "auto", description="the anatomical detector whose masks are the morphology units "
         "(add_silent, seed_morphology, priority): the summary-image local maxima, or a CNN detector "
-        "of somaflow.detect.cnn with the run's cnn parameters")
-    priority: Literal["cnmf", "morphology"] = Field(
-        "cnmf", description="which mask wins where a CNMF and a morphology unit overlap"
+        "of somaflow.detect.cnn with the run's cnn parameters; auto: unet2d where the movie is inside "
+        "its training distribution (no out-of-distribution warning), local-maxima elsewhere")
+    priority: Literal["auto", "cnmf", "morphology"] = Field(
+        "auto", description="which mask wins where a CNMF and a morphology unit overlap; auto: the "
+        "morphology unit's when it comes from a CNN detector, the CNMF unit's for local maxima"
     )
     seeds: SeedParams = SeedParams()
 
@@ -942,15 +945,24 @@ def cnmf_units(
     cp = p.cnmf
     ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
     movie = trace_movie(corrected, p.preprocess)
-    lm = None
+    lm, detector, notes = None, "local-maxima", []
     if cp.add_silent or cp.seed_morphology:
-        if cp.morphology == "local-maxima":
-            lm = detect_local_maxima(images, p.detect)
-        else:
+        if cp.morphology != "local-maxima":
             from somaflow.detect.cnn import detect_cnn
 
-            lm = detect_cnn(corrected, images, cp.morphology, p.cnn, p.neuron_radius)
-            lm = lm.isel(unit=np.flatnonzero(lm["accepted"].values))
+            detector = "unet2d" if cp.morphology == "auto" else cp.morphology
+            lm = detect_cnn(corrected, images, detector, p.cnn, p.neuron_radius)
+            notes = json.loads(lm.attrs.get("ood_warnings", "[]"))
+            if notes and cp.morphology == "auto":
+                log.warning("CNMF morphology units from local maxima, not %s: the movie is outside its "
+                            "training distribution (%s)", detector, "; ".join(notes))
+                notes = [f"cnmf.morphology auto: used local-maxima, not {detector}: {n}" for n in notes]
+                lm, detector = None, "local-maxima"
+            else:
+                lm = lm.isel(unit=np.flatnonzero(lm["accepted"].values))
+        if lm is None:
+            lm = detect_local_maxima(images, p.detect)
+    priority = cp.priority if cp.priority != "auto" else ("cnmf" if detector == "local-maxima" else "morphology")
     lm_masks = np.asarray(lm["masks"].values, bool) if lm is not None else np.zeros((0, ny, nx), bool)
     lm_score = np.asarray(lm["score"].values, np.float64) if lm is not None else np.zeros(0)
     fit = cnmf(movie, cp, fps=p.fps, scratch_url=scratch_url,
@@ -982,7 +994,7 @@ def cnmf_units(
             masks.reshape(len(masks), -1), dtype=np.float32)
         cand = sp.csr_matrix(lm_masks.reshape(len(lm_masks), -1), dtype=np.float32)
         inter = (cand @ mine.T).toarray() if mine.shape[0] else np.zeros((len(lm_masks), 0))
-        if cp.priority == "morphology" and inter.size:
+        if priority == "morphology" and inter.size:
             # a CNMF unit overlapping a morphology unit is that cell: keep the morphology mask
             frac_c = inter / np.maximum(np.asarray(mine.sum(axis=1)).ravel()[None, :], 1)
             frac_m = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
@@ -1040,8 +1052,9 @@ def cnmf_units(
         "contrast": ("unit", np.asarray(contrast, np.float32)),
         "kind": ("unit", kind_arr),
     }, attrs={"n_seeds": int(fit.seeds.sizes["seed"])})
-    if lm is not None and "ood_warnings" in lm.attrs:
-        units.attrs["ood_warnings"] = lm.attrs["ood_warnings"]
+    units.attrs["morphology_detector"] = detector
+    if notes:
+        units.attrs["ood_warnings"] = json.dumps(notes)
     traces = xr.Dataset({
         "traces": (("unit", "frame"), np.asarray(dec.calcium, np.float32).reshape(n, -1)),
         "dff": (("unit", "frame"), dff.astype(np.float32)),
