@@ -248,8 +248,7 @@ def cnmf(
         fit_url = stores.join(scratch, "fit_movie.zarr")
         ds = xr.Dataset({"movie": fit.chunk(chunks)})
         schema.write_dataset(ds.drop_vars(list(ds.coords)), fit_url, overwrite=True)
-        fit_movie = xr.open_zarr(stores.filesystem(fit_url)[0].get_mapper(stores.filesystem(fit_url)[1]),
-                                 consolidated=False)["movie"]
+        fit_movie = _open_fit(fit_url)
         # tasks read their own region of the fit movie: no read tasks queued on another worker
         read = functools.partial(_read_region, fit_url)
         images = _fit_images(fit_movie, params.neuron_radius, read=read)
@@ -307,13 +306,18 @@ def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple
 _IMAGE_TILE = 256  # core size (pixels) of the tiles the fit movie's summary images are computed on
 
 
-def _read_region(url: str, region: tuple[slice, slice]) -> np.ndarray:
-    """(frame, y, x) float32: ``region`` of the fit movie zarr at ``url``, read by the calling task."""
+def _open_fit(url: str, chunks: str | None = "auto") -> xr.DataArray:
+    """The fit movie zarr at ``url``: dask-backed, or lazily indexed numpy with ``chunks=None``."""
     from somaflow.io import stores
 
     fs, path = stores.filesystem(url)
-    movie = xr.open_zarr(fs.get_mapper(path), consolidated=False, chunks=None)["movie"]
-    return np.asarray(movie[:, region[0], region[1]].values, np.float32)
+    kwargs = {} if chunks == "auto" else {"chunks": chunks}
+    return xr.open_zarr(fs.get_mapper(path), consolidated=False, **kwargs)["movie"]
+
+
+def _read_region(url: str, region: tuple[slice, slice]) -> np.ndarray:
+    """(frame, y, x) float32: ``region`` of the fit movie zarr at ``url``, read by the calling task."""
+    return np.asarray(_open_fit(url, chunks=None)[:, region[0], region[1]].values, np.float32)
 
 
 def _read_fit_patch(read: Callable[[tuple[slice, slice]], np.ndarray], seeds: np.ndarray, pnr: np.ndarray,
