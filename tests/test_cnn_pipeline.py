@@ -22,7 +22,8 @@ def unet_weights(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("weights") / "unet2d.safetensors"
     summary = train_model("unet2d", str(out), presets=["2p-small"], seeds=[1000, 1001], epochs=3,
-                          n_frames=100, threads=1)
+                          n_frames=100, threads=1, config={"width": 8}, n_crops=24, batch_size=8,
+                          device="cpu")
     return out, summary
 
 
@@ -39,6 +40,46 @@ def test_training_writes_a_complete_checkpoint(unet_weights):
     assert meta["input_stats"]["modality"] == ["2p"]
     assert meta["input_stats"]["neuron_radius"]["min"] == 5.0
     assert summary["metrics"]["threshold"] == m["threshold"]
+    # the overrides reached the model and the loop
+    assert meta["config"]["width"] == 8 and model.config["width"] == 8
+    assert meta["training"]["params"]["batch_size"] == 8 and summary["n_examples"] == 48
+    assert meta["training"]["params"]["device"] == "cpu"
+
+
+def test_parallel_session_preparation_gives_the_same_examples():
+    """--jobs prepares simulated sessions in processes; each draws from its own child generator."""
+    from somaflow.nn import data as nd
+
+    kw = dict(crop=32, n_crops=3, n_frames=60, target="separated")
+    x1, y1, s1 = nd.simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5), **kw)
+    x2, y2, s2 = nd.simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5),
+                                           jobs=2, **kw)
+    assert x1.shape == (6, 4, 32, 32) and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert [s["seed"] for s in s2] == [1000, 1001]
+    # different sessions got different crops (not one generator state reused)
+    assert not np.array_equal(x1[:3], x1[3:])
+
+
+def test_training_device_selection():
+    from somaflow.nn.train import TrainParams, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError):
+        TrainParams(device="tpu")
+
+
+def test_train_cli_parses_model_config():
+    from somaflow.cli import _model_config
+    from somaflow.errors import ParameterError
+
+    assert _model_config(["width=12", "dropout=0.25", "trace_encoding=reshape"]) == {
+        "width": 12, "dropout": 0.25, "trace_encoding": "reshape"}
+    with pytest.raises(ParameterError, match="KEY=VALUE"):
+        _model_config(["width"])
 
 
 def test_training_lowers_the_loss():

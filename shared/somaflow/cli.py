@@ -164,9 +164,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.model, args.out, data=args.data or ["simulator"], init=args.init, presets=args.presets,
         seeds=args.seeds, epochs=args.epochs, lr=args.lr, n_frames=args.frames, max_seconds=args.max_seconds,
         threads=args.threads, cache=args.cache, target=args.target, fps=args.fps, neuron_radius=args.neuron_radius, seed=args.seed,
+        device=args.device, jobs=args.jobs, batch_size=args.batch_size, n_crops=args.crops,
+        config=_model_config(args.config),
     )
     _emit(args, summary, _format_train)
     return 0
+
+
+def _model_config(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` model constructor arguments (values parsed as JSON, else kept as text)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParameterError(f"--config takes KEY=VALUE (e.g. width=12), got {item!r}.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _format_train(d: dict[str, Any]) -> str:
@@ -315,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=7.0, help="frame rate of labelled folders (default 7)")
     s.add_argument("--neuron-radius", type=float, default=5.0, help="soma radius of labelled folders, px")
     s.add_argument("--seed", type=int, default=0, help="seed of crops, split and initial weights")
+    s.add_argument("--device", default="auto",
+                   help="torch device: auto (a CUDA GPU if torch sees one, else cpu), cpu, cuda[:N]")
+    s.add_argument("--jobs", type=int, default=1, help="simulated sessions prepared in parallel processes")
+    s.add_argument("--batch-size", type=int, help="examples per optimiser step (default: the recipe's)")
+    s.add_argument("--crops", type=int, help="training crops per simulated session (default: the recipe's)")
+    s.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="model constructor argument over the recipe's, e.g. width=12 (repeatable)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_train)
 

@@ -1489,6 +1489,7 @@ def simulated_detector_set(
     cells: Literal["all", "active"] = "all",
     positive_fraction: float = 0.7,
     overrides: Mapping[str, Any] | None = None,
+    jobs: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Training examples for a detector from simulated sessions.
 
@@ -1534,6 +1535,10 @@ def simulated_detector_set(
         See :func:`random_crops`.
     overrides : mapping, optional
         More simulator parameter overrides (e.g. ``shape``, ``n_cells``).
+    jobs : int
+        Sessions prepared in parallel processes (1: in this process). Each
+        session draws its crops from its own child of ``rng``, so the examples
+        do not depend on ``jobs``.
 
     Returns
     -------
@@ -1556,59 +1561,72 @@ def simulated_detector_set(
         raise ParameterError(f"cells must be 'all' or 'active', got {cells!r}.")
     rng = rng if rng is not None else np.random.default_rng(0)
     target = target or _default_target(kind)
-    xs, ys, stats = [], [], []
-    for preset in presets:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            sim = _simulate(preset, seed, n_frames, overrides)
-            movie = _sim_movie(sim)
-            fps, modality, r = sim.meta["fps"], sim.meta["modality"], sim.meta["neuron_radius"]
-            pstats = pixel_statistics(movie)
-            masks = np.asarray(sim.masks, bool)
-            if DETECTOR_KINDS[kind]:
-                params = DetectorInputParams.for_movie(fps, modality, r)
-                if batch_frames is not None:
-                    params = params.model_copy(update={"batch_frames": int(batch_frames)})
-                x, y = _movie_examples(
-                    sim,
-                    movie,
-                    pstats,
-                    params,
-                    masks,
-                    target,
-                    cells,
-                    crop,
-                    n_crops,
-                    rng,
-                    positive_fraction,
-                )
-            else:
-                images = detection_summary_images(movie, fps, modality, r)
-                chans = summary_channels(images) if kind == "unet2d" else mean_channel(images)
-                cells_used = masks if cells == "all" else masks[np.asarray(sim.active, bool)]
-                x, y = random_crops(
-                    chans,
-                    _target(cells_used, target),
-                    crop,
-                    n_crops,
-                    rng,
-                    positive_fraction=positive_fraction,
-                )
-            xs.append(x)
-            ys.append(y)
-            s = input_statistics(pstats, r, fps=fps, modality=modality, masks=masks, movie=movie)
-            s.update(
-                preset=str(preset), seed=int(seed), truth_median_snr=float(sim.meta["median_snr"])
-            )
-            stats.append(s)
-            log.info(
-                "%s examples from %s seed %d in %.1f s",
-                kind,
-                preset,
-                seed,
-                time.perf_counter() - t0,
-            )
-    return np.concatenate(xs), np.concatenate(ys), stats
+    sessions = [(str(p), int(s)) for p in presets for s in seeds]
+    # one child generator per session: the same examples whether sessions run serially or in parallel
+    spec = _CropSpec(target, cells, crop, n_crops, positive_fraction)
+    jobs_args = [
+        (kind, p, s, n_frames, overrides, batch_frames, spec, child)
+        for (p, s), child in zip(sessions, rng.spawn(len(sessions)), strict=True)
+    ]
+    if jobs > 1 and len(sessions) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent may hold torch / CUDA state and threads
+        with cf.ProcessPoolExecutor(min(jobs, len(sessions)), mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_session_examples, *zip(*jobs_args, strict=True)))
+    else:
+        results = [_session_examples(*a) for a in jobs_args]
+    xs = [r[0] for r in results]
+    ys = [r[1] for r in results]
+    return np.concatenate(xs), np.concatenate(ys), [r[2] for r in results]
+
+
+@dataclass(frozen=True)
+class _CropSpec:
+    """What a training example is: target kind, which cells, crop side and count, positive share."""
+
+    target: str
+    cells: str
+    crop: int
+    n_crops: int
+    positive_fraction: float
+
+
+def _session_examples(
+    kind: str,
+    preset: str,
+    seed: int,
+    n_frames: int | None,
+    overrides: Mapping[str, Any] | None,
+    batch_frames: int | None,
+    spec: _CropSpec,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Examples and statistics of one simulated session (see :func:`simulated_detector_set`)."""
+    t0 = time.perf_counter()
+    sim = _simulate(preset, seed, n_frames, overrides)
+    movie = _sim_movie(sim)
+    fps, modality, r = sim.meta["fps"], sim.meta["modality"], sim.meta["neuron_radius"]
+    pstats = pixel_statistics(movie)
+    masks = np.asarray(sim.masks, bool)
+    if DETECTOR_KINDS[kind]:
+        params = DetectorInputParams.for_movie(fps, modality, r)
+        if batch_frames is not None:
+            params = params.model_copy(update={"batch_frames": int(batch_frames)})
+        x, y = _movie_examples(sim, movie, pstats, params, masks, spec, rng)
+    else:
+        images = detection_summary_images(movie, fps, modality, r)
+        chans = summary_channels(images) if kind == "unet2d" else mean_channel(images)
+        cells_used = masks if spec.cells == "all" else masks[np.asarray(sim.active, bool)]
+        x, y = random_crops(
+            chans, _target(cells_used, spec.target), spec.crop, spec.n_crops, rng,
+            positive_fraction=spec.positive_fraction,
+        )
+    s = input_statistics(pstats, r, fps=fps, modality=modality, masks=masks, movie=movie)
+    s.update(preset=str(preset), seed=int(seed), truth_median_snr=float(sim.meta["median_snr"]))
+    log.info("%s examples from %s seed %d in %.1f s", kind, preset, seed, time.perf_counter() - t0)
+    return x, y, s
 
 
 def _movie_examples(
@@ -1617,14 +1635,11 @@ def _movie_examples(
     pstats: xr.Dataset,
     params: DetectorInputParams,
     masks: np.ndarray,
-    target: str,
-    cells: str,
-    crop: int,
-    n_crops: int,
+    spec: _CropSpec,
     rng: np.random.Generator,
-    positive_fraction: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spatio-temporal crops of one simulated session (see :func:`simulated_detector_set`)."""
+    target, cells, crop, n_crops = spec.target, spec.cells, spec.crop, spec.n_crops
     det = detector_batch(np.asarray(movie.values), pstats, params)
     t_ex = params.batch_frames + (-params.batch_frames % params.pad_multiple)
     if det.shape[0] < t_ex:
@@ -1646,7 +1661,7 @@ def _movie_examples(
         else:
             y = fixed
         x, yc = random_crops(
-            det[t0 : t0 + t_ex], y, crop, 1, rng, positive_fraction=positive_fraction
+            det[t0 : t0 + t_ex], y, crop, 1, rng, positive_fraction=spec.positive_fraction
         )
         xs[i], ys[i] = x[0], yc[0]
     return xs, ys

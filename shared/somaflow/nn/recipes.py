@@ -5,7 +5,7 @@ simulator presets and seeds a model learns from (every preset with every
 seed), the crop sizes and the optimiser settings; the shipped default weights
 in ``somaflow/nn/weights/`` are exactly ``somaflow train MODEL --out
 shared/somaflow/nn/weights/MODEL.safetensors`` with the defaults below (see
-``benchmarks/train_weights.py``).
+``benchmarks/train_weights.sh``).
 
 Data sources (``--data``, repeatable):
 
@@ -73,10 +73,15 @@ _MOVIE = Recipe(TWO_P + ONE_P, tuple(range(1000, 1004)), (1100,), epochs=6, batc
                 finetune_lr=1e-4, crop=64, n_crops=24, batch_frames=32)
 _CLASSIFIER = Recipe(TWO_P + ONE_P, tuple(range(1000, 1006)), (), epochs=12, batch_size=64, lr=1e-3,
                      finetune_lr=2e-4)
+#: STNeuroNet and the U-Net learn "separated" targets (a 1-px gap between touching cells: the
+#: post-processing's watershed then splits close pairs) from more sessions and epochs than the CPU
+#: recipes above; sized for a GPU (each trained in ~6 min on one H100, see benchmarks/train_weights.sh)
 RECIPES: dict[str, Recipe] = {
-    "unet2d": _IMAGE,
+    "unet2d": replace(_IMAGE, seeds=tuple(range(1000, 1024)), epochs=80, batch_size=32, n_crops=64,
+                      target="separated"),
     "meanimage2d": replace(_IMAGE, epochs=10),
-    "stneuronet": _MOVIE,
+    "stneuronet": replace(_MOVIE, seeds=tuple(range(1000, 1016)), val_seeds=(1100, 1101, 1102), epochs=40,
+                          batch_size=16, lr=1e-3, n_crops=48, target="separated", config={"width": 16}),
     "convnet2p1d": _MOVIE,
     "3cnet": _CLASSIFIER,
     "3cnet-plus": _CLASSIFIER,
@@ -199,6 +204,11 @@ def train_model(
     fps: float = 7.0,
     neuron_radius: float = 5.0,
     seed: int = 0,
+    device: str = "auto",
+    jobs: int = 1,
+    batch_size: int | None = None,
+    n_crops: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or fine-tune) ``model_name`` and write its checkpoint to ``out``.
 
@@ -228,6 +238,16 @@ def train_model(
         Frame rate (Hz) and soma radius (px) of the Neurofinder folders.
     seed : int
         Seed of the crops, the split and the initial weights.
+    device : str
+        torch device of the optimisation (``"auto"``: a CUDA GPU when torch
+        sees one, else the CPU); thresholds and the checkpoint are made on the CPU.
+    jobs : int
+        Simulated detector sessions prepared in parallel processes.
+    batch_size, n_crops : int, optional
+        Override the recipe (examples per step; crops per simulated session).
+    config : dict, optional
+        Model constructor arguments over the recipe's (e.g. ``{"width": 12}``);
+        ignored when fine-tuning (``init``), whose checkpoint fixes them.
 
     Returns
     -------
@@ -259,7 +279,7 @@ def train_model(
             else dict(init_meta.get("config") or {})
         )
     else:
-        config = dict(recipe.config)
+        config = {**recipe.config, **(config or {})}
         import torch
 
         torch.manual_seed(seed)
@@ -267,11 +287,12 @@ def train_model(
         init_meta = None
     params = TrainParams(
         epochs=epochs or recipe.epochs,
-        batch_size=recipe.batch_size,
+        batch_size=batch_size or recipe.batch_size,
         lr=lr or (recipe.finetune_lr if init else recipe.lr),
         seed=seed,
         threads=threads,
         max_seconds=max_seconds,
+        device=device,
     )
     rng = np.random.default_rng(seed)
     use_sim = "simulator" in data
@@ -298,11 +319,12 @@ def train_model(
                 presets,
                 seeds,
                 crop=recipe.crop,
-                n_crops=recipe.n_crops,
+                n_crops=n_crops or recipe.n_crops,
                 rng=rng,
                 n_frames=n_frames or recipe.n_frames,
                 batch_frames=recipe.batch_frames,
                 target=target or recipe.target,
+                jobs=jobs,
             )
             xs.append(x)
             ys.append(y)

@@ -61,6 +61,29 @@ class TrainParams(BaseModel):
         None, ge=1, description="torch CPU threads (default: torch's choice)"
     )
     max_seconds: float | None = Field(None, gt=0, description="stop after this much wall time (s)")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="torch device: 'auto' (a CUDA GPU when there is one, else the CPU), 'cpu', 'cuda[:N]'",
+    )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device of ``device`` (``"auto"``: the first CUDA GPU if there is one, else the CPU).
+
+    Raises
+    ------
+    ValueError
+        A CUDA device was asked for and torch sees none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu.")
+    return torch.device(device)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -100,18 +123,29 @@ def _setup(
     if params.threads:
         torch.set_num_threads(params.threads)
     torch.manual_seed(params.seed)
+    dev = resolve_device(params.device)
+    model.to(dev)
+    if dev.type == "cuda":
+        log.info("training on %s (%s)", dev, torch.cuda.get_device_name(dev))
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     return opt, np.random.default_rng(params.seed)
 
 
-def _as_input(x: np.ndarray | tuple[np.ndarray, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+def _tensor(x: np.ndarray, device: torch.device, dtype: Any = np.float32) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype)).to(device, non_blocking=True)
+
+
+def _as_input(
+    x: np.ndarray | tuple[np.ndarray, ...], device: torch.device | None = None
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    dev = device or torch.device("cpu")
     if isinstance(x, tuple):
-        return tuple(torch.from_numpy(np.ascontiguousarray(v, np.float32)) for v in x)
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        return tuple(_tensor(v, dev) for v in x)
+    return _tensor(x, dev)
 
 
-def _detector_tensor(x: np.ndarray, movie: bool) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+def _detector_tensor(x: np.ndarray, movie: bool, device: torch.device | None = None) -> torch.Tensor:
+    t = _tensor(x, device or torch.device("cpu"))
     return t.unsqueeze(1) if movie else t
 
 
@@ -164,8 +198,9 @@ def train_detector(
             pairs = [augment(xi, yi, rng) for xi, yi in zip(xb, yb, strict=True)]
             xb = np.stack([p[0] for p in pairs])
             yb = np.stack([p[1] for p in pairs])
-        logits = model(_detector_tensor(xb, movie_input))
-        target = torch.from_numpy(np.ascontiguousarray(yb, np.int64))
+        dev = _device_of(model)
+        logits = model(_detector_tensor(xb, movie_input, dev))
+        target = _tensor(yb, dev, np.int64)
         loss = losses.dice_loss(logits, target)
         if params.ce_weight:
             loss = loss + params.ce_weight * torch.nn.functional.cross_entropy(logits, target)
@@ -214,6 +249,7 @@ def _fit(
             break
     hist.seconds = time.perf_counter() - t0
     model.eval()
+    model.cpu()  # checkpoints, thresholds and inference are on the CPU
     return hist
 
 
@@ -223,10 +259,11 @@ def predict_detector(
 ) -> np.ndarray:
     """Neuron probability ``(N, H, W)`` float32 for examples shaped as in :func:`train_detector`."""
     model.eval()
+    dev = _device_of(model)
     out = []
     for start in range(0, len(x), batch_size):
-        logits = model(_detector_tensor(x[start : start + batch_size], movie_input))
-        out.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        logits = model(_detector_tensor(x[start : start + batch_size], movie_input, dev))
+        out.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
     return (
         np.concatenate(out).astype(np.float32) if out else np.zeros((0,) + x.shape[-2:], np.float32)
     )
@@ -295,8 +332,9 @@ def train_classifier(
                 img[i, 0] = np.rot90(img[i, 0], k[i])
                 if flip[i]:
                     img[i, 0] = img[i, 0][:, ::-1]
-        logits = model(_as_input(batch if len(batch) > 1 else batch[0]))
-        return losses.multiclass_hinge_loss(logits, torch.from_numpy(labels[idx]))
+        dev = _device_of(model)
+        logits = model(_as_input(batch if len(batch) > 1 else batch[0], dev))
+        return losses.multiclass_hinge_loss(logits, _tensor(labels[idx], dev, np.int64))
 
     def validate(v: np.ndarray) -> dict[str, float]:
         prob = predict_classifier(model, tuple(p[v] for p in parts) if len(parts) > 1 else parts[0][v])
@@ -318,10 +356,11 @@ def predict_classifier(
         inputs = _as_input(
             tuple(p[s : s + batch_size] for p in parts)
             if len(parts) > 1
-            else parts[0][s : s + batch_size]
+            else parts[0][s : s + batch_size],
+            _device_of(model),
         )
         logits = model(inputs)
-        out.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        out.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
@@ -363,13 +402,14 @@ def train_lstm(
     pos_weight = (len(train) - pos) / pos
 
     def batch_loss(idx: np.ndarray) -> torch.Tensor:
-        logits = model(torch.from_numpy(np.ascontiguousarray(windows[idx], np.float32)))
-        return losses.bce_loss(logits, torch.from_numpy(labels[idx]), pos_weight=pos_weight)
+        dev = _device_of(model)
+        logits = model(_tensor(windows[idx], dev))
+        return losses.bce_loss(logits, _tensor(labels[idx], dev), pos_weight=pos_weight)
 
     @torch.no_grad()
     def validate(v: np.ndarray) -> dict[str, float]:
         model.eval()
-        prob = torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(windows[v], np.float32)))).numpy()
+        prob = torch.sigmoid(model(_tensor(windows[v], _device_of(model)))).cpu().numpy()
         return binary_metrics(prob >= 0.5, labels[v] == 1)
 
     return _fit(model, opt, rng, params, train, val, batch_loss, validate)
