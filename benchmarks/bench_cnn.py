@@ -156,7 +156,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
         thr = float(meta["metrics"].get("threshold", 0.5))
         before = scores(model, name, thr)
         x = ls.channels[:, :half] if name == "unet2d" else nd.mean_channel(ls.images)[:, :half]
-        target = nd.union_target(train_masks) if name == "unet2d" else nd.centroid_target(train_masks)
+        target = nd._target(train_masks, RECIPES[name].target or nd._default_target(name))  # as the recipe trains
         rng = np.random.default_rng(0)
         xs, ys = nd.random_crops(x, target, 64, 96, rng)
         model.train()
