@@ -20,6 +20,7 @@ done
 for m in meanimage2d convnet2p1d; do
   .venv/bin/somaflow train "$m" --out "$W/$m.safetensors"
 done
+# the shipped classifiers: candidates cached here first (96 CNMF runs), then trained on the H100 (~40 s each)
 for m in 3cnet 3cnet-plus lstm; do
   .venv/bin/somaflow train "$m" --out "$W/$m.safetensors" --cache "$CACHE"
 done

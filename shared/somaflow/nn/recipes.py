@@ -71,7 +71,9 @@ _IMAGE = Recipe(TWO_P + ONE_P, tuple(range(1000, 1008)), (1100, 1101), epochs=20
                 finetune_lr=2e-4, n_crops=48)
 _MOVIE = Recipe(TWO_P + ONE_P, tuple(range(1000, 1004)), (1100,), epochs=6, batch_size=4, lr=5e-4,
                 finetune_lr=1e-4, crop=64, n_crops=24, batch_frames=32)
-_CLASSIFIER = Recipe(TWO_P + ONE_P, tuple(range(1000, 1006)), (), epochs=12, batch_size=64, lr=1e-3,
+#: the classifiers learn from the candidates of 96 CNMF runs (4491 candidates; ~10 min of CNMF on 2 cores,
+#: cached by --cache), then train in ~40 s on a GPU (~20 min on 2 CPU cores)
+_CLASSIFIER = Recipe(TWO_P + ONE_P, tuple(range(1000, 1024)), (), epochs=20, batch_size=64, lr=1e-3,
                      finetune_lr=2e-4)
 #: STNeuroNet and the U-Net learn "separated" targets (a 1-px gap between touching cells: the
 #: post-processing's watershed then splits close pairs) from more sessions and epochs than the CPU
