@@ -61,15 +61,26 @@ def test_parallel_session_preparation_gives_the_same_examples():
 
 
 def test_training_device_selection():
+    from somaflow.errors import ParameterError
     from somaflow.nn.train import TrainParams, resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
+        with pytest.raises(ParameterError, match="no CUDA GPU"):
             resolve_device("cuda")
+    with pytest.raises(ParameterError, match="'auto', 'cpu' or 'cuda"):
+        resolve_device("tpu")
     with pytest.raises(ValueError):
         TrainParams(device="tpu")
+
+
+def test_train_cli_reports_a_missing_gpu_before_making_data(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = run_cli("train", "unet2d", "--out", str(tmp_path / "w.safetensors"), "--device", "cuda", check=False)
+    assert r.returncode != 0 and "no CUDA GPU" in r.stderr and "internal error" not in r.stderr
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_train_cli_parses_model_config():

@@ -259,10 +259,17 @@ def train_model(
     """
     from somaflow.nn import build_model, load_checkpoint, save_checkpoint
     from somaflow.nn import data as nd
-    from somaflow.nn.train import TrainParams, train_classifier, train_detector, train_lstm
+    from somaflow.nn.train import (
+        TrainParams,
+        resolve_device,
+        train_classifier,
+        train_detector,
+        train_lstm,
+    )
 
     if model_name not in RECIPES:
         raise ParameterError(f"unknown model {model_name!r}; use one of {', '.join(RECIPES)}.")
+    resolve_device(device)  # a missing GPU is reported before any data is made
     recipe = RECIPES[model_name]
     if not data:
         raise ParameterError(

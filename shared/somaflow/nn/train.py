@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from somaflow.errors import ParameterError
 from somaflow.nn import losses
 from somaflow.nn.data import augment
 
@@ -72,13 +73,17 @@ def resolve_device(device: str = "auto") -> torch.device:
 
     Raises
     ------
-    ValueError
-        A CUDA device was asked for and torch sees none.
+    ParameterError
+        Not one of those names, or a CUDA device was asked for and torch sees none.
     """
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ParameterError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu.")
+        raise ParameterError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu.")
     return torch.device(device)
 
 
