@@ -129,8 +129,9 @@ def test_cnmf_morphology_falls_back_outside_the_unet_training_range(movie):
     from somaflow.params import RunParams
     from somaflow.preprocess.summary import summary_images
 
-    mv = movie.assign_attrs(fps=40.0)  # the U-Net was trained on 10 Hz movies
-    p = RunParams.for_movie(40.0, "2p", 5.0, {"method": "cnmf"}, shape=movie.shape)
+    # the U-Net saw 10 Hz movies binned to 5 Hz; an unbinned 2 Hz movie is outside that
+    mv = movie.assign_attrs(fps=2.0)
+    p = RunParams.for_movie(2.0, "2p", 5.0, {"method": "cnmf"}, shape=movie.shape)
     with dask.config.set(scheduler="threads"):
         images = summary_images(mv, p.summary).compute()
         units, _ = find_units(mv, images, p)

@@ -361,3 +361,21 @@ def test_separated_target_keeps_touching_cells_apart():
     apart = D.union_target(masks, gap=1)
     assert ndimage.label(apart)[1] == 2
     assert apart.sum() == joined.sum() - 2 * 10  # one column on each side of the contact
+
+
+def test_image_detectors_judge_the_binned_frame_rate():
+    """Summary images come from the movie binned to ~6 Hz (2p): a 30 Hz movie looks like the 10 Hz
+    training sessions to an image model, a 2 Hz one does not; raw rates are judged otherwise."""
+    import functools
+
+    assert D.detection_rate(10.0, "2p") == pytest.approx(5.0)
+    assert D.detection_rate(30.0, "2p") == pytest.approx(6.0)
+    assert D.detection_rate(30.0, "1p") == pytest.approx(10.0)
+    assert D.detection_rate(3.0, "2p") == pytest.approx(3.0)
+    summary = {"fps": {"min": 10.0, "max": 10.0, "median": 10.0, "n": 4}, "modality": ["2p"]}
+    rate = functools.partial(D.detection_rate, modality="2p")
+    assert D.out_of_distribution({"fps": 30.0}, summary, rate=rate) == []
+    assert D.out_of_distribution({"fps": 60.0}, summary, rate=rate) == []
+    warn = D.out_of_distribution({"fps": 2.0}, summary, rate=rate)
+    assert len(warn) == 1 and "after binning" in warn[0] and "below" in warn[0]
+    assert "frame rate" in D.out_of_distribution({"fps": 30.0}, summary)[0]  # the movie models: raw rate

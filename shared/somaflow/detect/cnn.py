@@ -23,6 +23,7 @@ fall outside them the units carry an ``ood_warnings`` attr.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -43,6 +44,7 @@ from somaflow.inference import get_backend, tiled
 from somaflow.nn.data import (
     DetectorInputParams,
     batch_plan,
+    detection_rate,
     detector_batch,
     input_statistics,
     mean_channel,
@@ -186,7 +188,10 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
     if p.ood_check:
         now = input_statistics(movie if method in IMAGE_DETECTORS else stats, neuron_radius, movie=movie,
                                masks=np.asarray(units["masks"].values, bool) if units.sizes["unit"] else None)
-        warnings = out_of_distribution(now, _json(meta.get("input_stats")) or {})
+        # the image models see summary images of the binned movie: judge its rate, not the raw one
+        rate = (functools.partial(detection_rate, modality=now.get("modality") or "2p")
+                if method in IMAGE_DETECTORS else None)
+        warnings = out_of_distribution(now, _json(meta.get("input_stats")) or {}, rate=rate)
         for w in warnings:
             log.warning("%s: %s", method, w)
     units.attrs["ood_warnings"] = json.dumps(warnings)

@@ -40,7 +40,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -1098,6 +1098,7 @@ def out_of_distribution(
     training_stats: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     *,
     margin: float = 1.5,
+    rate: Callable[[float], float] | None = None,
 ) -> list[str]:
     """Warnings for the statistics of a session that fall outside the training range.
 
@@ -1115,6 +1116,12 @@ def out_of_distribution(
         checkpoint's ``input_stats``), or the per-session dicts themselves.
     margin : float
         Tolerance factor beyond the training range, > 1.
+    rate : callable, optional
+        Maps a frame rate (Hz) to the rate the model actually sees, applied to
+        the session's and the training range's alike. The summary-image
+        detectors pass :func:`detection_rate`: their images come from the movie
+        binned to ~6 Hz (2p), so a 30 Hz and a 10 Hz movie give them alike
+        inputs and only the binned rate is judged.
 
     Returns
     -------
@@ -1138,6 +1145,9 @@ def out_of_distribution(
         if value is None or not isinstance(rng, Mapping):
             continue
         v, lo, hi = float(value), float(rng["min"]), float(rng["max"])
+        if key == "fps" and rate is not None:
+            v, lo, hi = rate(v), rate(lo), rate(hi)
+            label = "frame rate after binning for the summary images (Hz)"
         if not np.isfinite(v):
             warnings.append(f"{label} is {v}: the input statistics could not be measured.")
         elif v < lo / margin or v > hi * margin:
@@ -1154,6 +1164,22 @@ def out_of_distribution(
             "use a model trained on this modality or fine-tune one."
         )
     return warnings
+
+
+def detection_rate(fps: float, modality: str) -> float:
+    """Frame rate (Hz) of the detection movie the summary images are made of.
+
+    ``fps / factor`` with the default binning of ``somaflow run``
+    (:meth:`BinParams.for_movie`): 2p movies are binned to ~6 Hz, 1p movies
+    to ~10 Hz, never faster than recorded. Non-positive or non-finite rates
+    are returned as they are (the caller reports them).
+    """
+    from somaflow.preprocess.temporal import BinParams
+
+    f = float(fps)
+    if not (np.isfinite(f) and f > 0):
+        return f
+    return f / BinParams.for_movie(f, modality, 1.0).factor(f)
 
 
 # ============================================================================= classifier candidates
