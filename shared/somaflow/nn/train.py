@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ from somaflow.nn import losses
 from somaflow.nn.data import augment
 
 log = logging.getLogger(__name__)
+
+#: the torch devices a training run accepts: auto, cpu, cuda, cuda:N
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 class TrainParams(BaseModel):
@@ -63,7 +67,7 @@ class TrainParams(BaseModel):
     )
     max_seconds: float | None = Field(None, gt=0, description="stop after this much wall time (s)")
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        "auto", pattern=f"^({DEVICE_PATTERN})$",
         description="torch device: 'auto' (a CUDA GPU when there is one, else the CPU), 'cpu', 'cuda[:N]'",
     )
 
@@ -76,9 +80,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     ParameterError
         Not one of those names, or a CUDA device was asked for and torch sees none.
     """
-    import re
-
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if not re.fullmatch(DEVICE_PATTERN, device):
         raise ParameterError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
