@@ -51,6 +51,35 @@ def simulate_movie(url: str, preset: str, frames: int, size: int, seed: int, wor
     return sim.meta
 
 
+def _cpu_seconds(workers: set[int]) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of the worker processes, and of this process with its other
+    descendants (client, scheduler, Prefect's server, nannies): what competes with the workers for cores."""
+    import psutil
+
+    me = psutil.Process()
+    own, other = 0.0, 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        if proc.pid in workers:
+            own += t.user + t.system
+        else:
+            other += t.user + t.system
+    return own, other
+
+
+def _write_task_stream(path: str, data: list[dict], t0: float) -> None:
+    """Save the compute intervals of a task stream, seconds from the run's start, for idle-time analysis."""
+    offset = time.time() - time.perf_counter() + t0  # the stream holds wall-clock times
+    rows = [{"key": str(t["key"]), "worker": t["worker"], "start": round(s["start"] - offset, 3),
+             "stop": round(s["stop"] - offset, 3)}
+            for t in data for s in t["startstops"] if s["action"] == "compute"]
+    with open(path, "w") as f:
+        json.dump(sorted(rows, key=lambda r: r["start"]), f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="2p-large", help="simulator preset (default 2p-large)")
@@ -61,6 +90,8 @@ def main() -> None:
     ap.add_argument("--motion", default=None, help="motion mode override: none|rigid|piecewise")
     ap.add_argument("--workdir", default=None, help="where to put the zarrs (default: a temp dir, removed)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--task-stream", default=None, metavar="PREFIX",
+                    help="write each run's Dask task stream (key, worker, start, stop) to PREFIX-N.json")
     args = ap.parse_args()
 
     from somaflow.runtime import configure_prefect_env
@@ -92,15 +123,22 @@ def main() -> None:
         out = os.path.join(workdir, f"result-{n}.zarr")
         load = os.getloadavg()[0]
         with dask_client("local", n) as client, PeakRSS(client) as mem, get_task_stream(client) as ts:
+            workers = set(client.run(os.getpid).values())
+            cpu0 = _cpu_seconds(workers)
             t0 = time.perf_counter()
             summary = session_flow(movie_url, out, p, overwrite=True, session=f"{n}-workers")
             seconds = time.perf_counter() - t0
+            cpu1 = _cpu_seconds(workers)
+        if args.task_stream:
+            _write_task_stream(f"{args.task_stream}-{n}.json", ts.data, t0)
         busy = sum(s["stop"] - s["start"] for t in ts.data for s in t["startstops"] if s["action"] == "compute")
         rows.append({"workers": n, "seconds": round(seconds, 1), "frames_per_second": round(T / seconds, 1),
                      "timings": summary["timings"], "n_units": summary["n_units"],
                      "peak_worker_rss_gib": round(mem.worker_peak() / 2**30, 2), "load_before": round(load, 1),
                      "tasks": len(ts.data), "task_seconds": round(busy, 1),
-                     "worker_utilization": round(busy / (seconds * n), 2)})
+                     "worker_utilization": round(busy / (seconds * n), 2),
+                     "worker_cpu_seconds": round(cpu1[0] - cpu0[0], 1),
+                     "other_cpu_seconds": round(cpu1[1] - cpu0[1], 1)})
         shutil.rmtree(out + ".work", ignore_errors=True)
     base = rows[0]["frames_per_second"]
     for r in rows:
@@ -119,7 +157,7 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())
         print(f"{r['workers']} worker(s): {r['seconds']} s = {r['frames_per_second']} frames/s "
               f"(x{r['speedup']}; {stages}; {r['tasks']} tasks, {r['task_seconds']} task-seconds, workers busy "
-              f"{r['worker_utilization']:.0%}; peak worker RSS {r['peak_worker_rss_gib']} GiB; "
+              f"{r['worker_utilization']:.0%}; CPU s workers {r['worker_cpu_seconds']}, rest {r['other_cpu_seconds']}; peak worker RSS {r['peak_worker_rss_gib']} GiB; "
               f"1-min load before {r['load_before']})")
 
 

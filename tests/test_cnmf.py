@@ -230,3 +230,55 @@ def test_lstm_seed_cleansing_plugs_in(sim, movie, tmp_path, bias, kept):
                                                                    "classifier_weights": str(ckpt)}))
     assert plain.sizes["seed"] > 0
     assert cleansed.sizes["seed"] == (plain.sizes["seed"] if kept else 0)
+
+
+def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions():
+    from somaflow.oasis import deconvolve
+    from somaflow.traces import TraceParams, _window_frames, dff_rows
+
+    rng = np.random.default_rng(3)
+    spikes = rng.random((37, 400)) < 0.02
+    raw = np.stack([np.convolve(s.astype(float), 0.9 ** np.arange(30))[:400] for s in spikes])
+    raw += 0.1 * rng.standard_normal(raw.shape)
+    fluo = raw + 4.0 + 0.01 * np.arange(400)  # a slow drift the ΔF/F baseline follows
+    tp = TraceParams.for_movie(10.0, "2p", 5.0)
+    with dask.config.set(scheduler="threads"):
+        calcium, s_out, dff = C.temporal_outputs(raw, fluo, 10.0, tp)
+    ref = deconvolve(raw, 10.0)
+    window = _window_frames(tp.baseline_window_s * 10.0, 400)
+    ref_dff = dff_rows(fluo, fluo, window=window, percentile=tp.baseline_percentile,
+                       samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
+    assert calcium.dtype == s_out.dtype == dff.dtype == np.float32
+    np.testing.assert_allclose(calcium, ref.calcium, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s_out, ref.spikes, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dff, ref_dff, rtol=1e-5, atol=1e-6)
+    # one unit alone gives the same rows as inside a block
+    c1, _, _ = C.temporal_outputs(raw[5:6], fluo[5:6], 10.0, tp)
+    np.testing.assert_allclose(c1[0], calcium[5], rtol=1e-5, atol=1e-6)
+    empty = C.temporal_outputs(np.zeros((0, 400)), np.zeros((0, 400)), 10.0, tp)
+    assert all(a.shape == (0, 400) for a in empty)
+
+
+def test_sparse_footprints_equal_the_dense_definition():
+    from somaflow.assemble import footprints_from_masks, sparse_footprints
+
+    rng = np.random.default_rng(4)
+    masks = np.zeros((6, 20, 24), bool)
+    masks[0, 2:6, 3:8] = True
+    masks[1, 10:15, 10:14] = True
+    masks[2, 0:3, 20:24] = True  # on a region of zero weight: falls back to the binary mask
+    masks[4, 5:9, 5:9] = True
+    image = rng.random((20, 24)).astype(np.float32)
+    image[0:3, 20:24] = -1.0
+    fp = sparse_footprints(masks, image).toarray().reshape(masks.shape)
+    w = np.clip(image, 0, None)
+    for k, m in enumerate(masks):
+        if not m.any():
+            assert not fp[k].any()
+        elif (w * m).max() <= 0:
+            np.testing.assert_array_equal(fp[k], m.astype(np.float32))
+        else:
+            np.testing.assert_allclose(fp[k], w * m / (w * m).max(), rtol=1e-6)
+    dense = footprints_from_masks(xr.DataArray(masks, dims=("unit", "y", "x")), xr.DataArray(image, dims=("y", "x")))
+    np.testing.assert_array_equal(dense.values, fp)
+    assert footprints_from_masks(xr.DataArray(masks[:0], dims=("unit", "y", "x")), image).shape == (0, 20, 24)

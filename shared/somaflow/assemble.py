@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import xarray as xr
 
 from somaflow.io.schema import make_result_dataset
@@ -28,15 +29,33 @@ def footprints_from_masks(masks: xr.DataArray, image: xr.DataArray) -> xr.DataAr
         (unit, y, x) float32 in [0, 1]; a unit whose weights are all zero gets
         its binary mask.
     """
-    w = np.clip(np.asarray(image, dtype=np.float32), 0, None)
     m = np.asarray(masks, dtype=bool)
-    fp = m * w[None]
-    peak = fp.reshape(len(m), -1).max(axis=1) if len(m) else np.zeros(0, np.float32)
+    out = np.zeros(m.shape, np.float32)
+    sparse_footprints(m, image).toarray(out=out.reshape(len(m), int(np.prod(m.shape[1:]))))
+    return xr.DataArray(out, dims=("unit", "y", "x"))
+
+
+def sparse_footprints(masks: np.ndarray, image: Any) -> sp.csr_matrix:
+    """:func:`footprints_from_masks` as a sparse ``(unit, y·x)`` float32 matrix.
+
+    Touches only the masks' pixels, so its cost is their total area, not
+    units × frame.
+    """
+    m = np.asarray(masks, dtype=bool)
+    w = np.clip(np.asarray(image, dtype=np.float32), 0, None).ravel()
+    rows = sp.csr_matrix(m.reshape(len(m), int(np.prod(m.shape[1:]))), dtype=np.float32)
+    rows.data = w[rows.indices].astype(np.float32)
+    peak = np.zeros(len(m), np.float32)
+    nonempty = np.diff(rows.indptr) > 0
+    if nonempty.any():
+        peak[nonempty] = np.maximum.reduceat(rows.data, rows.indptr[:-1][nonempty])
     flat = peak <= 0
-    fp[flat] = m[flat]
-    peak[flat] = 1.0
-    fp = fp / peak[:, None, None]
-    return xr.DataArray(fp.astype(np.float32), dims=("unit", "y", "x"))
+    if flat.any():  # all-zero weights: the binary mask
+        for k in np.flatnonzero(flat):
+            rows.data[rows.indptr[k]:rows.indptr[k + 1]] = 1.0
+        peak[flat] = 1.0
+    rows.data /= np.repeat(peak, np.diff(rows.indptr))
+    return rows
 
 
 def assemble_result(

@@ -99,6 +99,7 @@ from somaflow.extract.seeds import SeedParams, _noise, find_seeds
 
 if TYPE_CHECKING:  # pragma: no cover
     from somaflow.params import RunParams
+    from somaflow.traces import TraceParams
 
 log = logging.getLogger(__name__)
 
@@ -860,10 +861,15 @@ def mask_contrast(masks: np.ndarray, image: np.ndarray, radius: float) -> np.nda
     """
     out = np.full(len(masks), np.nan)
     steps = max(2, int(round(radius)))
+    # one pass over the stack for every mask's pixels, then per-mask work in its bounding box
+    masks = np.asarray(masks, bool)
+    rows = sp.csr_matrix(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))))
+    width = masks.shape[2]
     for k, m in enumerate(masks):
-        if not m.any():
+        idx = rows.indices[rows.indptr[k]:rows.indptr[k + 1]]
+        if not len(idx):
             continue
-        ys, xs = np.nonzero(m)
+        ys, xs = np.divmod(idx, width)
         y0, y1 = max(0, ys.min() - steps - 1), min(m.shape[0], ys.max() + steps + 2)
         x0, x1 = max(0, xs.min() - steps - 1), min(m.shape[1], xs.max() + steps + 2)
         sub = m[y0:y1, x0:x1]
@@ -918,6 +924,55 @@ def full_rate_traces(movie: xr.DataArray, units: sp.csr_matrix, background: sp.c
     return raw, under
 
 
+#: units per task of the deconvolution and ΔF/F of the full-rate traces: at least
+#: this many, and few enough tasks (≈ 4 per core of a small cluster) to keep both cores busy
+_MIN_UNITS_PER_TASK = 16
+_TEMPORAL_TASKS = 8
+
+
+def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
+                     tp: TraceParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Denoised calcium, spikes and ΔF/F of full-rate CNMF traces, in parallel over blocks of units.
+
+    The rows are independent, so blocks of whole traces run as tasks on the
+    current Dask scheduler (the cluster's workers under ``somaflow run``) and
+    the result does not depend on the blocking.
+
+    Parameters
+    ----------
+    raw : ndarray, (unit, frame)
+        Each unit's amplitude (OASIS input, as CNMF's ``C`` + residual).
+    fluorescence : ndarray, (unit, frame)
+        Amplitude plus the background under the footprint (ΔF/F input).
+    fps : float
+        Frame rate (Hz).
+    tp : TraceParams
+        Baseline window and percentile of the ΔF/F.
+
+    Returns
+    -------
+    calcium, spikes, dff : ndarray, (unit, frame) float32
+    """
+    from somaflow.oasis import DeconvolutionParams
+    from somaflow.traces import _oasis_block, _window_frames, dff_rows
+
+    n, n_frames = raw.shape
+    if n == 0:
+        empty = np.zeros((0, n_frames), np.float32)
+        return empty, empty.copy(), empty.copy()
+    rows = max(_MIN_UNITS_PER_TASK, math.ceil(n / _TEMPORAL_TASKS))
+    raw_d = da.from_array(np.asarray(raw, np.float64), chunks=(rows, -1))
+    f_d = da.from_array(np.asarray(fluorescence, np.float64), chunks=(rows, -1))
+    window = _window_frames(tp.baseline_window_s * fps, n_frames)
+    dff = da.map_blocks(dff_rows, f_d, f_d, window=window, percentile=tp.baseline_percentile,
+                        samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction,
+                        dtype=np.float64)
+    dec = da.map_blocks(_oasis_block, raw_d, fps=fps, params=DeconvolutionParams(), new_axis=0,
+                        chunks=((2,), *raw_d.chunks), dtype=np.float64)
+    dec_v, dff_v = dask.compute(dec.astype(np.float32), dff.astype(np.float32))
+    return dec_v[0], dec_v[1], dff_v
+
+
 def cnmf_units(
     corrected: xr.DataArray,
     images: xr.Dataset,
@@ -941,11 +996,9 @@ def cnmf_units(
         As :func:`somaflow.extract.find_units` documents; units also carry
         ``spatial_correlation`` and ``kind`` (``cnmf`` or ``morphology``).
     """
-    from somaflow.assemble import footprints_from_masks
+    from somaflow.assemble import sparse_footprints
     from somaflow.detect.local_maxima import detect_local_maxima
     from somaflow.preprocess.pipeline import trace_movie
-    from somaflow.traces import _window_frames, dff_rows
-
     cp = p.cnmf
     ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
     movie = trace_movie(corrected, p.preprocess)
@@ -1014,22 +1067,14 @@ def cnmf_units(
             new &= ~seeded
         if new.any():
             add_masks = lm_masks[new]
-            fp = footprints_from_masks(xr.DataArray(add_masks, dims=("unit", "y", "x")), images["mean_image"]).values
-            A = sp.vstack([A, sp.csr_matrix(fp.reshape(len(fp), -1))]).tocsr()
+            A = sp.vstack([A, sparse_footprints(add_masks, images["mean_image"].values)]).tocsr()
             masks = np.concatenate([masks, add_masks])
             kind += ["morphology"] * int(new.sum())
             extra_score += [float(s) for s in lm_score[new]]
             rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
             contrast = np.concatenate([contrast, np.full(int(new.sum()), np.nan)])
     raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
-    from somaflow.oasis import deconvolve  # lazily: numpy-only module
-
-    dec = deconvolve(raw, p.fps)
-    tp = p.traces
-    window = _window_frames(tp.baseline_window_s * p.fps, raw.shape[1])
-    F = raw + under
-    dff = dff_rows(F, F, window=window, percentile=tp.baseline_percentile,
-                   samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
+    calcium, spikes, dff = temporal_outputs(raw, raw + under, p.fps, p.traces)
     snr = _snr(ndimage.uniform_filter1d(raw, 3, axis=-1)) * math.sqrt(3) if raw.shape[0] else np.zeros(0)
     snr = np.where(np.isfinite(snr), snr, 0)
     n = A.shape[0]
@@ -1046,7 +1091,7 @@ def cnmf_units(
         accepted[~is_cnmf] = (m_area >= cp.morph_min_area_fraction * r2) & (m_area <= cp.max_area_fraction * r2)
     fp_dense = np.zeros((n, ny * nx), np.float32)
     if n:
-        fp_dense[:] = A.toarray()
+        A.tocsr().toarray(out=fp_dense)  # in place: a 512x512 field of 900 units is 0.9 GB
     units = xr.Dataset({
         "masks": (("unit", "y", "x"), masks.astype(bool)),
         "footprints": (("unit", "y", "x"), fp_dense.reshape(n, ny, nx)),
@@ -1060,9 +1105,9 @@ def cnmf_units(
     if notes:
         units.attrs["ood_warnings"] = json.dumps(notes)
     traces = xr.Dataset({
-        "traces": (("unit", "frame"), np.asarray(dec.calcium, np.float32).reshape(n, -1)),
-        "dff": (("unit", "frame"), dff.astype(np.float32)),
-        "spikes": (("unit", "frame"), np.asarray(dec.spikes, np.float32).reshape(n, -1)),
+        "traces": (("unit", "frame"), calcium),
+        "dff": (("unit", "frame"), dff),
+        "spikes": (("unit", "frame"), spikes),
         "snr": ("unit", snr.astype(np.float32)),
         "raw": (("unit", "frame"), raw.astype(np.float32)),
     })
