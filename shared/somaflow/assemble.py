@@ -46,15 +46,14 @@ def sparse_footprints(masks: np.ndarray, image: Any) -> sp.csr_matrix:
     rows = sp.csr_matrix(m.reshape(len(m), int(np.prod(m.shape[1:]))), dtype=np.float32)
     rows.data = w[rows.indices].astype(np.float32)
     peak = np.zeros(len(m), np.float32)
-    nonempty = np.diff(rows.indptr) > 0
+    nonempty = rows.indptr[1:] > rows.indptr[:-1]
     if nonempty.any():
         peak[nonempty] = np.maximum.reduceat(rows.data, rows.indptr[:-1][nonempty])
     flat = peak <= 0
-    if flat.any():  # all-zero weights: the binary mask
-        for k in np.flatnonzero(flat):
-            rows.data[rows.indptr[k]:rows.indptr[k + 1]] = 1.0
-        peak[flat] = 1.0
-    rows.data /= np.repeat(peak, np.diff(rows.indptr))
+    counts = np.diff(rows.indptr)
+    rows.data[np.repeat(flat, counts)] = 1.0  # all-zero weights: the binary mask
+    peak[flat] = 1.0
+    rows.data /= np.repeat(peak, counts)
     return rows
 
 

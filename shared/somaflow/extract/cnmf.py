@@ -999,6 +999,7 @@ def cnmf_units(
     from somaflow.assemble import sparse_footprints
     from somaflow.detect.local_maxima import detect_local_maxima
     from somaflow.preprocess.pipeline import trace_movie
+
     cp = p.cnmf
     ny, nx = int(corrected.sizes["y"]), int(corrected.sizes["x"])
     movie = trace_movie(corrected, p.preprocess)
