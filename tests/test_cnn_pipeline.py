@@ -158,6 +158,35 @@ def test_detect_cnn_finds_units_and_warns_out_of_distribution(unet_weights):
     assert any("radius" in w for w in warnings)
 
 
+def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order():
+    # 100 frames at 10 Hz binned by 2, 10 binned frames per batch: 5 batches (an odd count for
+    # the pairwise reduction); the units must be those of post-processing each batch's map and fusing
+    # the dense masks of all batches in batch order, the probability their maximum
+    from somaflow.detect.cnn import CnnParams, _batch_task, detect_cnn
+    from somaflow.detect.postprocess import fuse_batches, probability_to_masks
+    from somaflow.nn.data import _sim_movie, batch_plan, pixel_statistics
+    from somaflow.simulate import simulate
+
+    sim = simulate("2p-small", seed=8, n_frames=100, motion="none")
+    movie = _sim_movie(sim).chunk({"frame": 25})
+    p = CnnParams.for_movie(10.0, "2p", 5.0)
+    p = p.model_copy(update={"input": p.input.model_copy(update={"batch_frames": 10}), "ood_check": False})
+    units = detect_cnn(movie, _images(sim), "stneuronet", p, 5.0)
+    plan = batch_plan(100, p.input)
+    assert len(plan) == 5
+    thr = json.loads(units.attrs["cnn"])["threshold"]
+    post = p.postprocess.model_copy(update={"threshold": thr})
+    stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
+    probs = [_batch_task("stneuronet", "default", movie, a, b, stats, p, None).max for a, b in plan]
+    expected = fuse_batches([probability_to_masks(q, post) for q in probs], post)
+    assert units.sizes["unit"] == len(expected) > 5
+    def keys(m):  # units are ordered by score: compare the sets of masks
+        return sorted(x.tobytes() for x in np.packbits(m.reshape(len(m), -1), axis=1))
+
+    assert keys(units["masks"].values) == keys(expected)
+    np.testing.assert_array_equal(units["cnn_probability"].values, np.max(probs, axis=0))
+
+
 @pytest.mark.parametrize("name", ["3cnet", "3cnet-plus"])
 def test_classifier_stage_folds_its_verdict(tmp_path, name):
     """An (untrained) 3CNet checkpoint: its probabilities become cnn_score, score is the

@@ -23,6 +23,7 @@ from somaflow.detect.postprocess import (
 )
 from somaflow.errors import InputError, ParameterError
 from somaflow.evaluate import match_iou
+from somaflow.evaluate.matching import as_sparse
 
 SHAPE = (64, 64)
 
@@ -321,6 +322,26 @@ def test_units_from_masks_matches_the_units_dataset():
     lm = detect_local_maxima(images, LocalMaximaParams(seed_image="mean"))
     for name in lm.data_vars:
         assert units[name].dims == lm[name].dims and units[name].dtype == lm[name].dtype
+
+
+def test_fusion_of_sparse_batches_equals_dense():
+    # detect_cnn hands fusion one SparseMasks per batch (built on the workers); the result and its
+    # order must be those of the dense stacks
+    rng = np.random.default_rng(5)
+    batches = []
+    for _ in range(5):
+        n = int(rng.integers(0, 6))
+        stack = np.zeros((n, *SHAPE), bool)
+        for k in range(n):
+            stack[k] = disc(*rng.uniform(8, 56, 2), rng.uniform(4, 7))
+        batches.append(stack)
+    dense = fuse_batches(batches, PARAMS)
+    assert len(dense) >= 3
+    for mixed in ([as_sparse(b) for b in batches], [as_sparse(b) if k % 2 else b for k, b in enumerate(batches)]):
+        out = fuse_batches(mixed, PARAMS)
+        assert out.dtype == bool and np.array_equal(out, dense)
+    with pytest.raises(InputError, match="same field of view"):
+        fuse_batches([as_sparse(batches[0]), np.zeros((1, 32, 32), bool)], PARAMS)
 
 
 def test_empty_maps_give_zero_units():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -40,6 +41,7 @@ from somaflow.detect.postprocess import (
     probability_to_masks,
     units_from_masks,
 )
+from somaflow.evaluate.matching import SparseMasks, as_sparse
 from somaflow.inference import get_backend, tiled
 from somaflow.nn.data import (
     DetectorInputParams,
@@ -130,10 +132,38 @@ def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) ->
 
 
 def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
-                stats: xr.Dataset, p: CnnParams) -> np.ndarray:
+                stats: xr.Dataset, p: CnnParams, post: PostprocessParams | None) -> _BatchResult:
+    """One temporal batch: its probability map and, with ``post``, its masks (sparse)."""
     block = np.asarray(movie.data[start:stop], np.float32)  # reads (computes) only this batch's frames
     batch = pad_batch(detector_batch(block, stats, p.input), p.input.pad_multiple)
-    return _predict_batch(model, weights, batch, p)
+    prob = _predict_batch(model, weights, batch, p)
+    masks = [as_sparse(probability_to_masks(prob, post))] if post is not None else []
+    return _BatchResult(masks, prob.copy(), prob.astype(np.float64), 1)
+
+
+@dataclass(frozen=True)
+class _BatchResult:
+    """Per-batch masks and the running max / sum of the probability maps over ``count`` batches."""
+
+    masks: list[SparseMasks]
+    max: np.ndarray
+    sum: np.ndarray
+    count: int
+
+
+def _combine(a: _BatchResult, b: _BatchResult) -> _BatchResult:
+    return _BatchResult(a.masks + b.masks, np.maximum(a.max, b.max), a.sum + b.sum, a.count + b.count)
+
+
+def _reduce_batches(tasks: list[Any]) -> _BatchResult:
+    """Combine the batch tasks pairwise on the cluster: the client receives one result, whatever
+    the number of batches (a long movie's probability maps are never all held at once)."""
+    level = list(tasks)
+    while len(level) > 1:
+        level = [dask.delayed(_combine)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                 for i in range(0, len(level), 2)]
+    (out,) = dask.compute(level[0])
+    return out
 
 
 def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParams,
@@ -174,14 +204,16 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
     else:
         stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
         starts = batch_plan(int(movie.sizes["frame"]), p.input)
-        tasks = [dask.delayed(_batch_task)(method, weights, movie, s, e, stats, p) for s, e in starts]
-        probs = list(dask.compute(*tasks))
-        log.info("%s: %d batches of %d frames", method, len(probs), p.input.batch_frames)
+        # STNeuroNet's per-batch post-processing runs in the batch's task
+        per_batch = post if method == "stneuronet" else None
+        tasks = [dask.delayed(_batch_task)(method, weights, movie, s, e, stats, p, per_batch) for s, e in starts]
+        res = _reduce_batches(tasks)
+        log.info("%s: %d batches of %d frames", method, res.count, p.input.batch_frames)
         if method == "stneuronet":
-            masks = fuse_batches([probability_to_masks(q, post) for q in probs], post)
-            prob = np.max(probs, axis=0)
+            masks = fuse_batches(res.masks, post)
+            prob = res.max
         else:
-            prob = np.mean(probs, axis=0)
+            prob = (res.sum / res.count).astype(np.float32)
             masks = masks_from_centroids(prob, np.asarray(images["mean_image"].values, np.float32), post)
     units = units_from_masks(masks, prob)
     warnings: list[str] = []

@@ -63,7 +63,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from somaflow.errors import InputError, ParameterError
-from somaflow.evaluate.matching import SparseMasks, match_iou
+from somaflow.evaluate.matching import MaskLike, SparseMasks, as_sparse, match_iou
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ def _masks_from_labels(labels: np.ndarray, min_area: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- fusion
 
 
-def fuse_batches(batches: Sequence[np.ndarray], params: PostprocessParams) -> np.ndarray:
+def fuse_batches(batches: Sequence[MaskLike], params: PostprocessParams) -> np.ndarray:
     """STNeuroNet's neuron fusion of masks found in several temporal batches.
 
     1. Masks (from any batches) whose centres of mass are closer than
@@ -472,9 +472,11 @@ def fuse_batches(batches: Sequence[np.ndarray], params: PostprocessParams) -> np
 
     Parameters
     ----------
-    batches : sequence of numpy.ndarray
+    batches : sequence of numpy.ndarray or SparseMasks
         One ``(n_i, y, x)`` bool stack of masks per temporal batch (e.g. from
-        :func:`probability_to_masks`), all with the same ``(y, x)``.
+        :func:`probability_to_masks`), or its
+        :class:`~somaflow.evaluate.matching.SparseMasks` (a long movie's many
+        batches then need no dense stacks), all with the same ``(y, x)``.
     params : PostprocessParams
         ``fusion_distance`` and ``fusion_overlap`` are used.
 
@@ -489,24 +491,23 @@ def fuse_batches(batches: Sequence[np.ndarray], params: PostprocessParams) -> np
     InputError
         No batches, a stack that is not 3-D, or stacks of different ``(y, x)``.
     """
-    stacks = [np.asarray(b) for b in batches]
-    if not stacks:
+    if not len(batches):
         raise InputError("fuse_batches needs at least one batch of masks; pass a list of (n, y, x) stacks.")
-    for k, s in enumerate(stacks):
-        if s.ndim != 3:
+    sparse_batches = []
+    for k, b in enumerate(batches):
+        if not isinstance(b, SparseMasks) and np.ndim(b) != 3:
             raise InputError(
-                f"batch {k} has shape {s.shape}; every batch must be an (n, y, x) stack of masks."
+                f"batch {k} has shape {np.shape(b)}; every batch must be an (n, y, x) stack of masks."
             )
-        if s.shape[1:] != stacks[0].shape[1:]:
+        sm = as_sparse(b)
+        if sparse_batches and sm.shape != sparse_batches[0].shape:
             raise InputError(
-                f"batch {k} is {s.shape[1]}x{s.shape[2]} (y, x) but batch 0 is "
-                f"{stacks[0].shape[1]}x{stacks[0].shape[2]}; all batches must come from the same field of view."
+                f"batch {k} is {sm.shape[0]}x{sm.shape[1]} (y, x) but batch 0 is "
+                f"{sparse_batches[0].shape[0]}x{sparse_batches[0].shape[1]}; all batches must come from the same "
+                "field of view."
             )
-    shape = stacks[0].shape[1:]
-    sparse_batches = [SparseMasks.from_dense(s) for s in stacks]
-    source = np.concatenate(
-        [np.stack([np.full(sm.n, k), np.arange(sm.n)], 1) for k, sm in enumerate(sparse_batches)]
-    ).astype(np.int64).reshape(-1, 2)
+        sparse_batches.append(sm)
+    shape = sparse_batches[0].shape
     matrix = sparse.vstack([sm.matrix for sm in sparse_batches], format="csr")
     areas = np.concatenate([sm.areas for sm in sparse_batches])
     centroids = np.concatenate([sm.centroids for sm in sparse_batches]).reshape(-1, 2)
@@ -521,12 +522,9 @@ def fuse_batches(batches: Sequence[np.ndarray], params: PostprocessParams) -> np
     final = chosen[kept]
     log.info(
         "neuron fusion: %d masks from %d batches -> %d neurons -> %d after removing covering masks",
-        nonempty.size, len(stacks), chosen.size, final.size,
+        nonempty.size, len(sparse_batches), chosen.size, final.size,
     )
-    out = np.zeros((final.size, *shape), dtype=bool)
-    for i, (b, j) in enumerate(source[final]):
-        out[i] = stacks[b][j]
-    return out
+    return matrix[final].toarray().astype(bool).reshape(final.size, *shape)
 
 
 def _fusion_groups(centroids: np.ndarray, distance: float) -> np.ndarray:
