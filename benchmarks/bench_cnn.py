@@ -9,7 +9,8 @@ This script adds the rest (each section on its own with --sections):
 
 * ``classifier`` — 3CNet, 3CNet+ and the LSTM on held-out simulated candidates
   (CNMF's units on seeds 100-102, labelled by IoU >= 0.5 matching to the truth),
-  next to the paper's figures and to CNMF's own accept/reject;
+  next to the paper's figures, with the accuracy per band of each candidate's
+  best IoU with a true cell (how many labels sit near the 0.5 boundary);
 * ``features`` — a logistic-regression cell classifier on the three Suite2p
   features of ``../shared/data/cell_labels_features`` (15,564 labelled ROIs),
   5-fold cross-validated accuracy;
@@ -45,20 +46,44 @@ PAPER_3CNET = {"accuracy": 0.858, "precision": 0.79, "recall": 0.848, "f1": 0.81
 def classifier_section(presets: list[str], seeds: list[int], cache: str | None) -> dict:
     from somaflow.inference import LocalBackend
     from somaflow.nn import data as nd
-    from somaflow.nn.recipes import _candidate_set
+    from somaflow.nn.recipes import candidate_arrays
     from somaflow.nn.train import binary_metrics
 
-    images, vectors, windows, labels, _ = _candidate_set(presets, seeds, None, cache, "3cnet")
-    _, _, _, active, _ = _candidate_set(presets, seeds, None, cache, "lstm")
+    arrays, _ = candidate_arrays(presets, seeds, None, cache)
+    images, vectors, labels = arrays["images"], arrays["traces"], np.asarray(arrays["labels"], np.int64)
+    active = np.asarray(arrays["active"], np.int64)
     backend = LocalBackend()
     out = {"n_candidates": int(len(labels)), "n_cells": int(labels.sum()), "presets": presets, "seeds": seeds,
            "always_cell_accuracy": float(labels.mean()) if len(labels) else None}
+    bands = _iou_bands(np.asarray(arrays["best_iou"]), labels) if "best_iou" in arrays else None
+    if bands is not None:
+        out["iou_bands"] = {name: int(m.sum()) for name, m in bands.items()}
     for name, x, truth in (("3cnet", images, labels), ("3cnet-plus", (images[:, :1], vectors), labels),
-                           ("lstm", nd.stack_windows(windows), active)):
+                           ("lstm", nd.stack_windows(list(arrays["windows"])), active)):
         t0 = time.perf_counter()
         prob = backend.predict(name, "default", x)
         out[name] = {**binary_metrics(prob >= 0.5, truth == 1), "seconds": round(time.perf_counter() - t0, 2)}
+        if bands is not None and name != "lstm":
+            right = (prob >= 0.5) == (truth == 1)
+            out[name]["accuracy_by_iou_band"] = {b: round(float(right[m].mean()), 3) if m.any() else None
+                                                 for b, m in bands.items()}
+            clear = ~(bands["cell, IoU 0.5-0.6"] | bands["not a cell, IoU 0.3-0.5"])
+            out[name]["accuracy_outside_0.3-0.6"] = round(float(right[clear].mean()), 3) if clear.any() else None
     return out
+
+
+def _iou_bands(best_iou: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidates by their best IoU with a true cell: how close each label is to the 0.5 boundary.
+
+    A candidate with IoU >= 0.5 and label 0 is a duplicate (another candidate won that cell)."""
+    cell = labels == 1
+    return {
+        "cell, IoU >= 0.6": cell & (best_iou >= 0.6),
+        "cell, IoU 0.5-0.6": cell & (best_iou < 0.6),
+        "not a cell, duplicate (IoU >= 0.5)": ~cell & (best_iou >= 0.5),
+        "not a cell, IoU 0.3-0.5": ~cell & (best_iou >= 0.3) & (best_iou < 0.5),
+        "not a cell, IoU < 0.3": ~cell & (best_iou < 0.3),
+    }
 
 
 def features_section(folds: int = 5) -> dict:

@@ -247,6 +247,13 @@ def test_label_candidates_on_hand_made_masks():
     assert D.label_candidates(cand, truth[:0]).sum() == 0
     with pytest.raises(ParameterError):
         D.label_candidates(cand, truth, iou=0)
+    # each candidate's best IoU with any true cell, by the definition
+    best = D._best_iou(cand, truth)
+    inter = (cand[:, None] & truth[None]).sum((2, 3))
+    union = (cand[:, None] | truth[None]).sum((2, 3))
+    np.testing.assert_allclose(best, (inter / union).max(1), rtol=1e-6)
+    assert best.dtype == np.float32 and best[0] == 1 and best[4] == 0
+    assert D._best_iou(cand, truth[:0]).tolist() == [0] * 5 and D._best_iou(cand[:0], truth).shape == (0,)
 
 
 def test_out_of_distribution_flags_noise_and_radius():
@@ -323,6 +330,7 @@ def test_simulated_candidate_set_local_maxima():
     assert windows[0].shape == (2, 100)  # 120 frames at 10 Hz
     assert labels.dtype == np.int64 and set(np.unique(labels)) <= {0, 1} and labels.sum() >= 1
     assert (cs.active <= cs.labels).all() and cs.sessions[0]["n_candidates"] == n
+    assert cs.best_iou.shape == (n,) and (cs.best_iou[labels == 1] >= 0.5).all()
 
 
 @pytest.mark.slow

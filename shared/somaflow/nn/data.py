@@ -1717,6 +1717,9 @@ class CandidateSet:
         (N,) int64 index into ``sessions`` (for splits by session).
     sessions : list of dict
         ``preset``, ``seed``, ``n_candidates``, ``n_truth``, ``method``.
+    best_iou : numpy.ndarray
+        (N,) float32, each candidate's highest IoU with any true cell (0 when
+        it overlaps none): how far from the labels' 0.5 boundary it lies.
     """
 
     images: np.ndarray
@@ -1726,6 +1729,7 @@ class CandidateSet:
     active: np.ndarray
     session: np.ndarray
     sessions: list[dict[str, Any]]
+    best_iou: np.ndarray
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.images, self.traces, self.windows, self.labels))
@@ -1808,7 +1812,7 @@ def simulated_candidate_set(
     from somaflow.extract import find_units
     from somaflow.params import RunParams
 
-    imgs, vecs, wins, labels, active, session, sessions = [], [], [], [], [], [], []
+    imgs, vecs, wins, labels, active, session, sessions, best_iou = [], [], [], [], [], [], [], []
     for preset in presets:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -1837,6 +1841,7 @@ def simulated_candidate_set(
             vecs.append(vec)
             wins.extend(win)
             labels.append(label_candidates(masks, truth, iou=iou))
+            best_iou.append(_best_iou(masks, truth))
             active.append(label_candidates(masks, truth[firing], iou=iou))
             session.append(np.full(len(masks), len(sessions), np.int64))
             sessions.append(
@@ -1865,7 +1870,19 @@ def simulated_candidate_set(
         active=np.concatenate(active) if active else np.zeros(0, np.int64),
         session=np.concatenate(session) if session else np.zeros(0, np.int64),
         sessions=sessions,
+        best_iou=np.concatenate(best_iou) if best_iou else np.zeros(0, np.float32),
     )
+
+
+def _best_iou(candidate_masks: np.ndarray, truth_masks: np.ndarray) -> np.ndarray:
+    """(N,) float32 highest IoU of each candidate with any true mask (0: overlaps none)."""
+    from somaflow.evaluate import overlaps
+
+    best = np.zeros(len(candidate_masks), np.float64)
+    if len(candidate_masks) and len(truth_masks):
+        ov = overlaps(candidate_masks, truth_masks)
+        np.maximum.at(best, ov.pred, ov.iou)
+    return best.astype(np.float32)
 
 
 # ============================================================================= real labelled data

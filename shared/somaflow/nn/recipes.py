@@ -447,6 +447,17 @@ def _candidate_set(presets: Sequence[str], seeds: Sequence[int], n_frames: int |
                                              list[dict[str, Any]]]:
     """Simulated CNMF candidates (images, trace vectors, LSTM windows, labels, session stats),
     from ``cache`` when it holds the same recipe."""
+    arrays, meta = candidate_arrays(presets, seeds, n_frames, cache)
+    labels = arrays["active"] if model_name == "lstm" else arrays["labels"]
+    stats = [{"modality": s.get("modality"), "n_frames": s.get("n_frames")} for s in meta["sessions"]]
+    return arrays["images"], arrays["traces"], list(arrays["windows"]), np.asarray(labels, np.int64), stats
+
+
+def candidate_arrays(presets: Sequence[str], seeds: Sequence[int], n_frames: int | None,
+                     cache: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The simulated CNMF candidate set as arrays (``images``, ``traces``, ``windows``, ``labels``,
+    ``active``, ``best_iou``; a cache written before ``best_iou`` existed lacks it) and its meta,
+    from ``cache`` when it holds the same recipe (else made, and kept there)."""
     import hashlib
 
     from somaflow.io import schema, stores
@@ -459,20 +470,18 @@ def _candidate_set(presets: Sequence[str], seeds: Sequence[int], n_frames: int |
            if cache else None)
     if url and schema.is_complete(url):
         arrays, meta = nd.read_examples(url)
-        windows = list(arrays["windows"])
     else:
         cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames)
         windows = list(nd.stack_windows(cs.windows))
         arrays = {"images": cs.images, "traces": cs.traces, "labels": cs.labels, "active": cs.active,
+                  "best_iou": cs.best_iou,
                   "windows": np.stack(windows) if windows else np.zeros((0, 1, 100), np.float32)}
         meta = {"recipe": json.loads(key),
                 "sessions": [{"modality": PRESETS[s["preset"]].modality, "preset": s["preset"], "seed": s["seed"],
                               "n_frames": n_frames or PRESETS[s["preset"]].n_frames} for s in cs.sessions]}
         if url:
             nd.write_examples(url, arrays, meta, overwrite=True)
-    labels = arrays["active"] if model_name == "lstm" else arrays["labels"]
-    stats = [{"modality": s.get("modality"), "n_frames": s.get("n_frames")} for s in meta["sessions"]]
-    return arrays["images"], arrays["traces"], windows, np.asarray(labels, np.int64), stats
+    return arrays, meta
 
 
 def _real_crops(
