@@ -524,7 +524,7 @@ def fuse_batches(batches: Sequence[MaskLike], params: PostprocessParams) -> np.n
         "neuron fusion: %d masks from %d batches -> %d neurons -> %d after removing covering masks",
         nonempty.size, len(sparse_batches), chosen.size, final.size,
     )
-    return matrix[final].toarray().astype(bool).reshape(final.size, *shape)
+    return matrix[final].astype(bool).toarray().reshape(final.size, *shape)
 
 
 def _fusion_groups(centroids: np.ndarray, distance: float) -> np.ndarray:
