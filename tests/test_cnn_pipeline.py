@@ -177,7 +177,7 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     thr = json.loads(units.attrs["cnn"])["threshold"]
     post = p.postprocess.model_copy(update={"threshold": thr})
     stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
-    probs = [_batch_task("stneuronet", "default", movie, a, b, stats, p, None).max for a, b in plan]
+    probs = [_batch_task("stneuronet", "default", movie, a, b, stats, p, None).prob for a, b in plan]
     expected = fuse_batches([probability_to_masks(q, post) for q in probs], post)
     assert units.sizes["unit"] == len(expected) > 5
     def keys(m):  # units are ordered by score: compare the sets of masks

@@ -138,32 +138,31 @@ def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop:
     batch = pad_batch(detector_batch(block, stats, p.input), p.input.pad_multiple)
     prob = _predict_batch(model, weights, batch, p)
     masks = [as_sparse(probability_to_masks(prob, post))] if post is not None else []
-    return _BatchResult(masks, prob.copy(), prob.astype(np.float64), 1)
+    return _BatchResult(masks, prob, 1)
 
 
 @dataclass(frozen=True)
 class _BatchResult:
-    """Per-batch masks and the running max / sum of the probability maps over ``count`` batches."""
+    """Masks of ``count`` batches, in batch order, and their probability maps reduced to one."""
 
     masks: list[SparseMasks]
-    max: np.ndarray
-    sum: np.ndarray
+    prob: np.ndarray
     count: int
 
 
-def _combine(a: _BatchResult, b: _BatchResult) -> _BatchResult:
-    return _BatchResult(a.masks + b.masks, np.maximum(a.max, b.max), a.sum + b.sum, a.count + b.count)
+def _combine(a: _BatchResult, b: _BatchResult, op: Any) -> _BatchResult:
+    return _BatchResult(a.masks + b.masks, op(a.prob, b.prob), a.count + b.count)
 
 
-def _reduce_batches(tasks: list[Any]) -> _BatchResult:
-    """Combine the batch tasks pairwise on the cluster: the client receives one result, whatever
-    the number of batches (a long movie's probability maps are never all held at once)."""
+def _reduce_batches(tasks: list[Any], op: Any) -> _BatchResult:
+    """Combine the batch tasks pairwise on the cluster with ``op`` on their maps (``np.maximum``,
+    ``np.add``): the client receives one result, whatever the number of batches (a long movie's
+    probability maps are never all held at once)."""
     level = list(tasks)
     while len(level) > 1:
-        level = [dask.delayed(_combine)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+        level = [dask.delayed(_combine)(level[i], level[i + 1], op) if i + 1 < len(level) else level[i]
                  for i in range(0, len(level), 2)]
-    (out,) = dask.compute(level[0])
-    return out
+    return level[0].compute()
 
 
 def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParams,
@@ -207,13 +206,13 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         # STNeuroNet's per-batch post-processing runs in the batch's task
         per_batch = post if method == "stneuronet" else None
         tasks = [dask.delayed(_batch_task)(method, weights, movie, s, e, stats, p, per_batch) for s, e in starts]
-        res = _reduce_batches(tasks)
+        res = _reduce_batches(tasks, np.maximum if method == "stneuronet" else np.add)
         log.info("%s: %d batches of %d frames", method, res.count, p.input.batch_frames)
         if method == "stneuronet":
             masks = fuse_batches(res.masks, post)
-            prob = res.max
+            prob = res.prob
         else:
-            prob = (res.sum / res.count).astype(np.float32)
+            prob = (res.prob / res.count).astype(np.float32)
             masks = masks_from_centroids(prob, np.asarray(images["mean_image"].values, np.float32), post)
     units = units_from_masks(masks, prob)
     warnings: list[str] = []
