@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pydantic
 import pytest
 import xarray as xr
 
@@ -185,6 +186,38 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
 
     assert keys(units["masks"].values) == keys(expected)
     np.testing.assert_array_equal(units["cnn_probability"].values, np.max(probs, axis=0))
+
+
+def test_test_time_augmentation_averages_the_turned_back_views():
+    from somaflow.detect.cnn import CnnParams, _predict_batch
+    from somaflow.errors import ParameterError
+    from somaflow.inference import dihedral_mean
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 6, 10)).astype(np.float32)  # not square: odd rotations swap the axes
+    ramp = lambda v: v.sum(0) + np.arange(v.shape[-1], dtype=np.float32)  # noqa: E731 (not equivariant)
+    np.testing.assert_allclose(dihedral_mean(ramp, x, 1), ramp(x))
+    # the views' outputs are turned back: the input part is exact, the ramp averages over the views
+    s = x.sum(0)
+    col, row = np.arange(10, dtype=np.float32)[None, :], np.arange(6, dtype=np.float32)[:, None]
+    mirrored = 9 - col
+    np.testing.assert_allclose(dihedral_mean(ramp, x, 2), s + (col + mirrored) / 2, rtol=1e-6)
+    # rot90 k=1 turns the output's column index into the input's reversed row index, and so on
+    four = s + (col + (5 - row) + mirrored + row) / 4
+    np.testing.assert_allclose(dihedral_mean(ramp, x, 4), four, rtol=1e-6)
+    assert dihedral_mean(ramp, x, 8).shape == (6, 10)
+    with pytest.raises(ParameterError, match="1, 2, 4, 8"):
+        dihedral_mean(ramp, x, 3)
+    with pytest.raises(pydantic.ValidationError, match="tta"):
+        CnnParams.for_movie(10.0, "2p", 5.0).model_validate({**CnnParams.for_movie(10.0, "2p", 5.0).model_dump(),
+                                                             "tta": 3})
+    # the shipped STNeuroNet through it: 8 views of a whitened batch average to a map in [0, 1]
+    p = CnnParams.for_movie(10.0, "2p", 5.0)
+    batch = rng.standard_normal((8, 40, 48)).astype(np.float32)
+    one = _predict_batch("stneuronet", "default", batch, p)
+    eight = _predict_batch("stneuronet", "default", batch, p.model_copy(update={"tta": 8}))
+    assert one.shape == eight.shape == (40, 48)
+    assert 0 <= eight.min() and eight.max() <= 1 and not np.array_equal(one, eight)
 
 
 @pytest.mark.parametrize("name", ["3cnet", "3cnet-plus"])

@@ -71,6 +71,8 @@ def test_params_scale_with_the_radius():
         PostprocessParams(grow_radius=2.0, marker_radius=4.0)
     with pytest.raises(ParameterError, match="modality"):
         PostprocessParams.for_movie(30.0, "3p", 5.0)
+    # the second pass is a 2p default; 1p maps keep grey background structures
+    assert p5.rescue_threshold == 0.6 and p10.rescue_threshold is None
 
 
 def test_import_does_not_pull_in_torch():
@@ -133,11 +135,44 @@ def test_tiny_specks_are_dropped():
     assert len(masks) == 2
 
 
+def test_second_pass_adds_grey_cells_clear_of_the_confident_ones():
+    # a confident cell, a grey cell far from it, a grey cell touching it and a grey speck
+    confident, far, near = disc(20, 20, 5), disc(45, 45, 5), disc(20, 31, 5)
+    speck = disc(50, 10, 2)  # 13 px < min_area
+    prob = prob_map([confident], 0.95)
+    prob[far | speck] = 0.7
+    prob[near & ~confident] = 0.7
+    p = PARAMS.model_copy(update={"threshold": 0.85, "rescue_threshold": 0.6, "rescue_gap": 1})
+    masks = probability_to_masks(prob, p)
+    assert len(masks) == 3
+    assert np.array_equal(masks[0], confident)  # the first pass comes first, unchanged
+    # then the second pass's, in raster order: the touching grey cell without the ring of 1 px
+    # around the confident cell, and the clear grey cell whole
+    ring = ndimage.binary_dilation(confident, np.ones((3, 3), bool))
+    assert np.array_equal(masks[1], near & ~ring)
+    assert np.array_equal(masks[2], far)
+    assert not (masks[0] & masks[1]).any()
+    # a wider gap leaves less of it, and none once the rest is below min_area
+    for gap in (3, 7, 9):
+        rest = near & ~ndimage.binary_dilation(confident, np.ones((3, 3), bool), iterations=gap)
+        wide = probability_to_masks(prob, p.model_copy(update={"rescue_gap": gap}))
+        if rest.sum() >= p.min_area:
+            assert len(wide) == 3 and np.array_equal(wide[1], rest)
+        else:
+            assert len(wide) == 2 and np.array_equal(wide[1], far)
+    # off, or not below threshold: one pass
+    for off in (None, 0.85, 0.9):
+        only = probability_to_masks(prob, p.model_copy(update={"rescue_threshold": off}))
+        assert len(only) == 1 and np.array_equal(only[0], confident)
+
+
 def test_threshold_selects_pixels():
     cell = disc(30, 30, 6)
     prob = prob_map([cell], value=0.6)
     assert len(probability_to_masks(prob, PARAMS)) == 1
-    assert len(probability_to_masks(prob, PARAMS.model_copy(update={"threshold": 0.7}))) == 0
+    assert len(probability_to_masks(prob, PARAMS.model_copy(update={"threshold": 0.7}))) == 1  # second pass
+    one_pass = PARAMS.model_copy(update={"threshold": 0.7, "rescue_threshold": None})
+    assert len(probability_to_masks(prob, one_pass)) == 0
 
 
 # ----------------------------------------------------------------------------- centroid mode
@@ -275,14 +310,15 @@ def test_choose_threshold_separates_signal_from_noise():
             p[nmask & ~np.any(cells, 0)] = 0.45
         probs.append(p)
         truths.append(np.stack(cells))
-    scores = threshold_scores(probs, truths, PARAMS)
-    t = choose_threshold(probs, truths, PARAMS)
+    one_pass = PARAMS.model_copy(update={"rescue_threshold": None})  # the second pass would find 0.8 at 0.9
+    scores = threshold_scores(probs, truths, one_pass)
+    t = choose_threshold(probs, truths, one_pass)
     assert 0.45 < t <= 0.8
     assert scores.max() == pytest.approx(1.0)
     assert scores[0] < 1.0  # at 0.3 the noise blobs count as neurons
     assert scores[-1] == 0.0  # at 0.9 nothing is found
     # (batch, y, x) maps are fused across batches first
-    t_batched = choose_threshold([np.stack([p, p]) for p in probs], truths, PARAMS)
+    t_batched = choose_threshold([np.stack([p, p]) for p in probs], truths, one_pass)
     assert 0.45 < t_batched <= 0.8
     with pytest.raises(InputError, match="one probability map"):
         choose_threshold(probs, truths[:1], PARAMS)

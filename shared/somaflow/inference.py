@@ -188,3 +188,51 @@ def tiled(
             prob = fn(block)[..., :h, :w]
             out[..., y0:y1, x0:x1] = prob[..., y0 - ya:y0 - ya + (y1 - y0), x0 - xa:x0 - xa + (x1 - x0)]
     return out
+
+
+#: test-time augmentation: the (rotation by k x 90 degrees, flip) pairs averaged for each allowed count
+_TTA: dict[int, tuple[tuple[int, bool], ...]] = {
+    1: ((0, False),),
+    2: ((0, False), (0, True)),
+    4: ((0, False), (1, False), (2, False), (3, False)),
+    8: tuple((k, f) for k in range(4) for f in (False, True)),
+}
+TTA_COUNTS: tuple[int, ...] = tuple(_TTA)
+
+
+def dihedral_mean(fn: Any, x: np.ndarray, n: int) -> np.ndarray:
+    """Test-time augmentation: the mean of ``fn`` over ``n`` rotations/flips of ``x``.
+
+    Each view of ``x`` is rotated by k × 90° and/or flipped (left-right) in
+    its last two (spatial) axes, ``fn`` is applied, and its output is turned
+    back before averaging, so the result is aligned with ``x``. The networks
+    are trained with the same rotations and flips, so every view is an input
+    they know.
+
+    Parameters
+    ----------
+    fn : callable
+        ``(..., h, w) -> (..., h, w)`` map of one view (``h, w`` swap for odd k).
+    x : ndarray, (..., H, W)
+    n : int
+        Views: 1 (``fn(x)``), 2 (and its mirror image), 4 (the four
+        rotations) or 8 (rotations of ``x`` and of its mirror image).
+
+    Returns
+    -------
+    ndarray, (..., H, W) float32
+    """
+    if n not in _TTA:
+        raise ParameterError(f"test-time augmentation takes {', '.join(map(str, TTA_COUNTS))} views, got {n}.")
+    total: np.ndarray | None = None
+    for k, flip in _TTA[n]:
+        view = np.rot90(x, k, axes=(-2, -1))
+        if flip:
+            view = view[..., ::-1]
+        out = np.asarray(fn(np.ascontiguousarray(view)), np.float32)
+        if flip:
+            out = out[..., ::-1]
+        out = np.rot90(out, -k, axes=(-2, -1))
+        total = out.copy() if total is None else total + out
+    assert total is not None
+    return total / np.float32(len(_TTA[n]))

@@ -32,7 +32,7 @@ from typing import Any
 import dask
 import numpy as np
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from somaflow.detect.postprocess import (
     PostprocessParams,
@@ -42,7 +42,7 @@ from somaflow.detect.postprocess import (
     units_from_masks,
 )
 from somaflow.evaluate.matching import SparseMasks, as_sparse
-from somaflow.inference import get_backend, tiled
+from somaflow.inference import TTA_COUNTS, dihedral_mean, get_backend, tiled
 from somaflow.nn.data import (
     DetectorInputParams,
     batch_plan,
@@ -81,12 +81,21 @@ class CnnParams(BaseModel):
                                       "F1 on its training data)")
     tile: int = Field(256, ge=32, description="spatial tile core size for inference (px)")
     margin: int = Field(24, ge=0, description="context around each tile (px); ≥ the receptive-field radius")
+    tta: int = Field(1, description="test-time augmentation: average the detector's map over this many "
+                                    "rotations/flips of its input (1, 2, 4 or 8; costs as many forward passes)")
     input: DetectorInputParams
     postprocess: PostprocessParams
     classifier: str = Field("none", pattern="^(none|3cnet|3cnet-plus)$",
                             description="cell/not-cell classifier folded into score and accepted")
     classifier_threshold: float = Field(0.5, gt=0, lt=1, description="classifier probability needed to accept a unit")
     ood_check: bool = Field(True, description="warn when the inputs look unlike the models' training data")
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, v: int) -> int:
+        if v not in TTA_COUNTS:
+            raise ValueError(f"tta must be one of {', '.join(map(str, TTA_COUNTS))}")
+        return v
 
     @classmethod
     def for_movie(cls, fps: float, modality: str, neuron_radius: float) -> CnnParams:
@@ -121,14 +130,15 @@ def _json(value: Any) -> Any:
 
 def _predict_image(model: str, weights: str, x: np.ndarray, p: CnnParams) -> np.ndarray:
     backend = get_backend(p.inference)
-    return tiled(lambda b: backend.predict(model, weights, b), x[None], tile=p.tile, margin=p.margin)[0]
+    return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None],
+                                         tile=p.tile, margin=p.margin)[0], x, p.tta)
 
 
 def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) -> np.ndarray:
-    """(T, H, W) whitened batch -> (H, W) probability, tiled in space."""
+    """(T, H, W) whitened batch -> (H, W) probability, tiled in space, averaged over ``p.tta`` views."""
     backend = get_backend(p.inference, threads=1)
-    return tiled(lambda b: backend.predict(model, weights, b), batch[None, None],
-                 tile=p.tile, margin=p.margin)[0]
+    return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None, None],
+                                         tile=p.tile, margin=p.margin)[0], batch, p.tta)
 
 
 def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
