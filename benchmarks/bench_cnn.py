@@ -18,7 +18,8 @@ This script adds the rest (each section on its own with --sections):
   F1 in the three conventions on the bottom half of the field of view, with the
   shipped weights and after fine-tuning on the top half's labels;
 * ``speed`` — CPU inference frames/s at 512 x 512 for each detector (input
-  preparation + network, one thread and all threads).
+  preparation + network with ``cnn.tta`` views, one thread and all threads;
+  ``--tta 1`` for one view).
 
     .venv/bin/python benchmarks/bench_cnn.py
     .venv/bin/python benchmarks/bench_cnn.py --sections classifier speed
@@ -198,16 +199,18 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
     return out
 
 
-def speed_section(models: list[str], size: int) -> dict:
+def speed_section(models: list[str], size: int, tta: int | None = None) -> dict:
     import torch
 
     from somaflow.detect.cnn import CnnParams
-    from somaflow.inference import LocalBackend, tiled
+    from somaflow.inference import LocalBackend, dihedral_mean, tiled
     from somaflow.nn import data as nd
 
     rng = np.random.default_rng(0)
     fps = 30.0
     p = CnnParams.for_movie(fps, "2p", 6.0)
+    if tta is not None:
+        p = p.model_copy(update={"tta": tta})
     res = {}
     for threads in (1, os.cpu_count() or 1):
         torch.set_num_threads(threads)
@@ -227,15 +230,16 @@ def speed_section(models: list[str], size: int) -> dict:
                 t0 = time.perf_counter()
                 batch = nd.detector_batch(movie, stats, p.input)
                 t1 = time.perf_counter()
-                tiled(lambda b, n=name, be=backend: be.predict(n, "default", b), batch[None, None], tile=p.tile,
-                      margin=p.margin)
+                dihedral_mean(lambda v, n=name, be=backend: tiled(lambda b: be.predict(n, "default", b),
+                                                                 v[None, None], tile=p.tile, margin=p.margin)[0],
+                              batch, p.views(name))
                 t2 = time.perf_counter()
                 frames = raw
             else:
                 x = rng.normal(size=(4 if name == "unet2d" else 1, size, size)).astype(np.float32)
                 t0 = t1 = time.perf_counter()
-                tiled(lambda b, n=name, be=backend: be.predict(n, "default", b), x[None], tile=p.tile,
-                      margin=p.margin)
+                dihedral_mean(lambda v, n=name, be=backend: tiled(lambda b: be.predict(n, "default", b), v[None],
+                                                                 tile=p.tile, margin=p.margin)[0], x, p.views(name))
                 t2 = time.perf_counter()
                 frames = None
             row = res.setdefault(name, {})
@@ -244,7 +248,8 @@ def speed_section(models: list[str], size: int) -> dict:
                 "frames_per_second": round(frames / (t2 - t0), 1) if frames else None,
                 "note": None if frames else "one pass over the summary images whatever the movie length",
             }
-    return {"size": size, "fps": fps, "bin_factor": p.input.factor, "models": res}
+    return {"size": size, "fps": fps, "bin_factor": p.input.factor,
+            "tta": {name: p.views(name) for name in models}, "models": res}
 
 
 def main() -> None:
@@ -256,6 +261,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs on Neurofinder (default 15)")
     ap.add_argument("--size", type=int, default=512, help="frame size of the speed test (default 512)")
     ap.add_argument("--cache", default=None, help="folder to keep the held-out candidates in")
+    ap.add_argument("--tta", type=int, default=None,
+                    help="speed: test-time augmentation views (default: each model's, somaflow.detect.cnn.DEFAULT_TTA)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = {"machine": machine()}
@@ -268,7 +275,7 @@ def main() -> None:
         result["neurofinder"] = neurofinder_section([m for m in args.models if m in ("unet2d", "meanimage2d")],
                                                     args.epochs)
     if "speed" in args.sections:
-        result["speed"] = speed_section(args.models, args.size)
+        result["speed"] = speed_section(args.models, args.size, args.tta)
     print(json.dumps(result, indent=None if args.json else 2))
 
 

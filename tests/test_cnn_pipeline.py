@@ -214,7 +214,9 @@ def test_test_time_augmentation_averages_the_turned_back_views():
     # the shipped STNeuroNet through it: 8 views of a whitened batch average to a map in [0, 1]
     p = CnnParams.for_movie(10.0, "2p", 5.0)
     batch = rng.standard_normal((8, 40, 48)).astype(np.float32)
-    one = _predict_batch("stneuronet", "default", batch, p)
+    assert p.tta is None and p.views("stneuronet") == 4 and p.views("convnet2p1d") == 1  # the defaults
+    assert p.model_copy(update={"tta": 2}).views("convnet2p1d") == 2
+    one = _predict_batch("stneuronet", "default", batch, p.model_copy(update={"tta": 1}))
     eight = _predict_batch("stneuronet", "default", batch, p.model_copy(update={"tta": 8}))
     assert one.shape == eight.shape == (40, 48)
     assert 0 <= eight.min() and eight.max() <= 1 and not np.array_equal(one, eight)

@@ -16,6 +16,11 @@ this module does not import torch.
 * ``unet2d`` / ``meanimage2d`` — one forward pass on the summary images
   (mean, max, correlation, PNR) or the mean image.
 
+Every map is the mean over ``tta`` views of the network's input (rotations by
+k × 90°, see :func:`somaflow.inference.dihedral_mean`), each turned back:
+test-time augmentation with the transforms the networks were trained with
+(default :data:`DEFAULT_TTA`: 4 views, 1 for the (2+1)D ConvNet).
+
 Each checkpoint records the threshold chosen for the best F1 on its training
 data and the statistics of its training inputs; when this movie's statistics
 fall outside them the units carry an ``ood_warnings`` attr.
@@ -62,6 +67,13 @@ log = logging.getLogger(__name__)
 MOVIE_DETECTORS = ("stneuronet", "convnet2p1d")
 IMAGE_DETECTORS = ("unet2d", "meanimage2d")
 DETECTORS = MOVIE_DETECTORS + IMAGE_DETECTORS
+#: test-time augmentation views per model when ``CnnParams.tta`` is None, chosen on validation seeds
+#: 1100-1102 (bench_accuracy.py, F1 with 1 / 4 views): STNeuroNet 2p-dense 0.855 / 0.865, 2p-nonrigid
+#: 0.910 / 0.934, 2p-lowsnr 0.966 / 0.957, 2p-small 0.967 / 0.967; U-Net 2p-dense 0.844 / 0.858,
+#: 2p-small 0.986 / 0.981; mean-image ConvNet 2p-small 0.893 / 0.928, 2p-dense 0.546 / 0.582,
+#: 2p-nonrigid 0.883 / 0.910; the (2+1)D ConvNet loses with 4 (2p-small 0.851 / 0.815, 2p-dense
+#: 0.589 / 0.556, 2p-nonrigid 0.868 / 0.865)
+DEFAULT_TTA: dict[str, int] = {"stneuronet": 4, "unet2d": 4, "meanimage2d": 4, "convnet2p1d": 1}
 #: radius (px) of the centroid disks the (2+1)D and mean-image ConvNets are trained on
 CENTROID_RADIUS = 4.0
 
@@ -81,8 +93,10 @@ class CnnParams(BaseModel):
                                       "F1 on its training data)")
     tile: int = Field(256, ge=32, description="spatial tile core size for inference (px)")
     margin: int = Field(24, ge=0, description="context around each tile (px); ≥ the receptive-field radius")
-    tta: int = Field(1, description="test-time augmentation: average the detector's map over this many "
-                                    "rotations/flips of its input (1, 2, 4 or 8; costs as many forward passes)")
+    tta: int | None = Field(
+        None, description="test-time augmentation: average the detector's map over this many rotations/flips of "
+                          "its input (1, 2, 4 or 8; costs as many forward passes); None: the model's default "
+                          "(DEFAULT_TTA)")
     input: DetectorInputParams
     postprocess: PostprocessParams
     classifier: str = Field("none", pattern="^(none|3cnet|3cnet-plus)$",
@@ -92,8 +106,8 @@ class CnnParams(BaseModel):
 
     @field_validator("tta")
     @classmethod
-    def _tta(cls, v: int) -> int:
-        if v not in TTA_COUNTS:
+    def _tta(cls, v: int | None) -> int | None:
+        if v is not None and v not in TTA_COUNTS:
             raise ValueError(f"tta must be one of {', '.join(map(str, TTA_COUNTS))}")
         return v
 
@@ -110,6 +124,10 @@ class CnnParams(BaseModel):
     def weights_for(self, model: str) -> str:
         """The weights reference of ``model``."""
         return self.weights.get(model, "default")
+
+    def views(self, model: str) -> int:
+        """Test-time augmentation views of ``model``: ``tta``, or the model's default."""
+        return self.tta if self.tta is not None else DEFAULT_TTA.get(model, 1)
 
 
 def _threshold(p: CnnParams, meta: dict[str, Any]) -> float:
@@ -131,14 +149,14 @@ def _json(value: Any) -> Any:
 def _predict_image(model: str, weights: str, x: np.ndarray, p: CnnParams) -> np.ndarray:
     backend = get_backend(p.inference)
     return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None],
-                                         tile=p.tile, margin=p.margin)[0], x, p.tta)
+                                         tile=p.tile, margin=p.margin)[0], x, p.views(model))
 
 
 def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) -> np.ndarray:
-    """(T, H, W) whitened batch -> (H, W) probability, tiled in space, averaged over ``p.tta`` views."""
+    """(T, H, W) whitened batch -> (H, W) probability, tiled in space, averaged over the model's views."""
     backend = get_backend(p.inference, threads=1)
     return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None, None],
-                                         tile=p.tile, margin=p.margin)[0], batch, p.tta)
+                                         tile=p.tile, margin=p.margin)[0], batch, p.views(model))
 
 
 def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
