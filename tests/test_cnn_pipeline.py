@@ -175,7 +175,9 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     units = detect_cnn(movie, _images(sim), "stneuronet", p, 5.0)
     plan = batch_plan(100, p.input)
     assert len(plan) == 5
-    thr = json.loads(units.attrs["cnn"])["threshold"]
+    cnn = json.loads(units.attrs["cnn"])
+    thr = cnn["threshold"]
+    assert cnn["views"] == 4 and cnn["rescue_threshold"] == 0.6
     post = p.postprocess.model_copy(update={"threshold": thr})
     stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
     probs = [_batch_task("stneuronet", "default", movie, a, b, stats, p, None).prob for a, b in plan]

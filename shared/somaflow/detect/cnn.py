@@ -215,7 +215,8 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
     xarray.Dataset
         ``masks`` (unit, y, x) bool, ``score``, ``accepted`` (unit), and
         ``cnn_probability`` (y, x); attrs ``ood_warnings`` (JSON list) and
-        ``cnn`` (model, weights, threshold).
+        ``cnn`` (model, weights, threshold, test-time views, second-pass
+        threshold).
     """
     if method not in DETECTORS:
         raise ValueError(f"unknown detector {method!r}; use one of {', '.join(DETECTORS)}")
@@ -254,5 +255,7 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         for w in warnings:
             log.warning("%s: %s", method, w)
     units.attrs["ood_warnings"] = json.dumps(warnings)
-    units.attrs["cnn"] = json.dumps({"model": method, "weights": weights, "threshold": thr})
+    units.attrs["cnn"] = json.dumps({"model": method, "weights": weights, "threshold": thr, "views": p.views(method),
+                                     "rescue_threshold": post.rescue_threshold if method not in
+                                     ("convnet2p1d", "meanimage2d") else None})
     return units
