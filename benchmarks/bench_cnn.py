@@ -141,7 +141,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
     from somaflow.detect.cnn import CnnParams
     from somaflow.detect.postprocess import masks_from_centroids, probability_to_masks
     from somaflow.evaluate import match_caiman, match_iou, match_neurofinder
-    from somaflow.inference import tiled, weights_path
+    from somaflow.inference import dihedral_mean, tiled, weights_path
     from somaflow.nn import data as nd
     from somaflow.nn import load_checkpoint
     from somaflow.nn.recipes import RECIPES
@@ -166,8 +166,9 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
                 return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(b, np.float32))), 1)[:, 1].numpy()
 
         x = ls.channels if name == "unet2d" else nd.mean_channel(ls.images)
-        prob = tiled(run, x[None], tile=256, margin=24)[0][half:]
-        post = CnnParams.for_movie(ls.fps, "2p", ls.neuron_radius).postprocess.model_copy(update={"threshold": thr})
+        p = CnnParams.for_movie(ls.fps, "2p", ls.neuron_radius)  # the run's defaults: views, second pass
+        prob = dihedral_mean(lambda v: tiled(run, v[None], tile=256, margin=24)[0], x, p.views(name))[half:]
+        post = p.postprocess.model_copy(update={"threshold": thr})
         pred = (masks_from_centroids(prob, mean[half:], post) if name == "meanimage2d"
                 else probability_to_masks(prob, post))
         return {"iou": round(match_iou(pred, test_masks).f1, 3), "caiman": round(match_caiman(pred, test_masks).f1, 3),
