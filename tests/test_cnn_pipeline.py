@@ -190,6 +190,26 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     np.testing.assert_array_equal(units["cnn_probability"].values, np.max(probs, axis=0))
 
 
+def test_second_pass_is_skipped_on_movies_noisier_than_the_training_data(caplog):
+    from somaflow.detect.cnn import _second_pass
+    from somaflow.detect.postprocess import PostprocessParams
+
+    meta = {"input_stats": json.dumps({"noise_level": {"min": 0.025, "max": 0.24, "median": 0.2, "n": 64}})}
+    post = PostprocessParams.for_movie(10.0, "2p", 5.0).model_copy(update={"threshold": 0.85})
+
+    def stats(level):
+        return xr.Dataset({"baseline": (("y", "x"), np.full((4, 4), 100.0)),
+                           "noise": (("y", "x"), np.full((4, 4), 100.0 * level))})
+
+    assert _second_pass(post, stats(0.2), meta, "stneuronet") == post  # inside: kept
+    assert _second_pass(post, stats(0.3), meta, "stneuronet") == post  # within the x1.5 margin
+    with caplog.at_level("WARNING", logger="somaflow.detect.cnn"):
+        off = _second_pass(post, stats(0.72), meta, "stneuronet")  # Neurofinder 00's level
+    assert off.rescue_threshold is None and off.threshold == 0.85
+    assert "no second pass" in caplog.text and "noise level" in caplog.text
+    assert _second_pass(post, stats(0.72), {}, "stneuronet") == post  # a checkpoint without statistics: kept
+
+
 def test_test_time_augmentation_averages_the_turned_back_views():
     from somaflow.detect.cnn import CnnParams, _predict_batch
     from somaflow.errors import ParameterError
