@@ -190,6 +190,30 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     np.testing.assert_array_equal(units["cnn_probability"].values, np.max(probs, axis=0))
 
 
+def test_mean_image_convnet_grows_its_centroid_markers_on_the_mean_image():
+    # the mean-image ConvNet marks centroids (its threshold was chosen for marker growth): its units are
+    # the markers grown on the mean image, with no second pass
+    from somaflow.detect.cnn import CnnParams, detect_cnn
+    from somaflow.detect.postprocess import masks_from_centroids
+    from somaflow.nn.data import _sim_movie
+    from somaflow.simulate import simulate
+
+    sim = simulate("2p-small", seed=9, n_frames=100, motion="none")
+    images = _images(sim)
+    p = CnnParams.for_movie(10.0, "2p", 5.0).model_copy(update={"ood_check": False})
+    units = detect_cnn(_sim_movie(sim), images, "meanimage2d", p, 5.0)
+    cnn = json.loads(units.attrs["cnn"])
+    assert cnn["rescue_threshold"] is None and cnn["views"] == 4
+    post = p.postprocess.model_copy(update={"threshold": cnn["threshold"]})
+    expected = masks_from_centroids(units["cnn_probability"].values,
+                                    np.asarray(images["mean_image"].values, np.float32), post)
+    def keys(m):
+        return sorted(x.tobytes() for x in np.packbits(m.reshape(len(m), -1), axis=1))
+
+    assert units.sizes["unit"] == len(expected) > 5
+    assert keys(units["masks"].values) == keys(expected)
+
+
 def test_second_pass_is_skipped_on_movies_noisier_than_the_training_data(caplog):
     from somaflow.detect.cnn import _second_pass
     from somaflow.detect.postprocess import PostprocessParams

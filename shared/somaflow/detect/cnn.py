@@ -67,12 +67,14 @@ log = logging.getLogger(__name__)
 MOVIE_DETECTORS = ("stneuronet", "convnet2p1d")
 IMAGE_DETECTORS = ("unet2d", "meanimage2d")
 DETECTORS = MOVIE_DETECTORS + IMAGE_DETECTORS
+#: detectors whose map is a whole-neuron probability (probability_to_masks); the others mark centroids
+WHOLE_NEURON_DETECTORS = ("stneuronet", "unet2d")
 #: test-time augmentation views per model when ``CnnParams.tta`` is None, chosen on validation seeds
 #: 1100-1102 (bench_accuracy.py, F1 with 1 / 4 views): STNeuroNet 2p-dense 0.855 / 0.865, 2p-nonrigid
 #: 0.910 / 0.934, 2p-lowsnr 0.966 / 0.957, 2p-small 0.967 / 0.967; U-Net 2p-dense 0.844 / 0.858,
-#: 2p-small 0.986 / 0.981; mean-image ConvNet 2p-small 0.893 / 0.928, 2p-dense 0.546 / 0.582,
-#: 2p-nonrigid 0.883 / 0.910; the (2+1)D ConvNet loses with 4 (2p-small 0.851 / 0.815, 2p-dense
-#: 0.589 / 0.556, 2p-nonrigid 0.868 / 0.865)
+#: 2p-small 0.986 / 0.981; mean-image ConvNet (markers grown on the mean image) 2p-small 0.903 / 0.937,
+#: 2p-dense 0.590 / 0.583, 2p-nonrigid 0.910 / 0.894; the (2+1)D ConvNet loses with 4 (2p-small
+#: 0.851 / 0.815, 2p-dense 0.589 / 0.556, 2p-nonrigid 0.868 / 0.865)
 DEFAULT_TTA: dict[str, int] = {"stneuronet": 4, "unet2d": 4, "meanimage2d": 4, "convnet2p1d": 1}
 #: radius (px) of the centroid disks the (2+1)D and mean-image ConvNets are trained on
 CENTROID_RADIUS = 4.0
@@ -242,11 +244,15 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
     meta = backend.metadata(method, weights)
     thr = _threshold(p, meta)
     stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
-    post = _second_pass(p.postprocess.model_copy(update={"threshold": thr}), stats, meta, method)
+    post = p.postprocess.model_copy(update={"threshold": thr})
+    # the second pass is a step of whole-neuron maps only; centroid maps grow their markers instead
+    post = (_second_pass(post, stats, meta, method) if method in WHOLE_NEURON_DETECTORS
+            else post.model_copy(update={"rescue_threshold": None}))
     if method in IMAGE_DETECTORS:
         x = summary_channels(images) if method == "unet2d" else mean_channel(images)
         prob = _predict_image(method, weights, x, p)
-        masks = probability_to_masks(prob, post)
+        masks = (probability_to_masks(prob, post) if method in WHOLE_NEURON_DETECTORS
+                 else masks_from_centroids(prob, np.asarray(images["mean_image"].values, np.float32), post))
     else:
         starts = batch_plan(int(movie.sizes["frame"]), p.input)
         # STNeuroNet's per-batch post-processing runs in the batch's task
@@ -273,6 +279,5 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
             log.warning("%s: %s", method, w)
     units.attrs["ood_warnings"] = json.dumps(warnings)
     units.attrs["cnn"] = json.dumps({"model": method, "weights": weights, "threshold": thr, "views": p.views(method),
-                                     "rescue_threshold": post.rescue_threshold if method not in
-                                     ("convnet2p1d", "meanimage2d") else None})
+                                     "rescue_threshold": post.rescue_threshold})
     return units
