@@ -141,7 +141,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
     from somaflow.detect.cnn import CnnParams
     from somaflow.detect.postprocess import masks_from_centroids, probability_to_masks
     from somaflow.evaluate import match_caiman, match_iou, match_neurofinder
-    from somaflow.inference import dihedral_mean, tiled, weights_path
+    from somaflow.inference import tiled_views, weights_path
     from somaflow.nn import data as nd
     from somaflow.nn import load_checkpoint
     from somaflow.nn.recipes import RECIPES
@@ -167,7 +167,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
 
         x = ls.channels if name == "unet2d" else nd.mean_channel(ls.images)
         p = CnnParams.for_movie(ls.fps, "2p", ls.neuron_radius)  # the run's defaults: views, second pass
-        prob = dihedral_mean(lambda v: tiled(run, v[None], tile=256, margin=24)[0], x, p.views(name))[half:]
+        prob = tiled_views(run, x, tile=256, margin=24, views=p.views(name))[half:]
         post = p.postprocess.model_copy(update={"threshold": thr})
         pred = (masks_from_centroids(prob, mean[half:], post) if name == "meanimage2d"
                 else probability_to_masks(prob, post))
@@ -204,7 +204,7 @@ def speed_section(models: list[str], size: int, tta: int | None = None) -> dict:
     import torch
 
     from somaflow.detect.cnn import CnnParams
-    from somaflow.inference import LocalBackend, dihedral_mean, tiled
+    from somaflow.inference import LocalBackend, tiled_views
     from somaflow.nn import data as nd
 
     rng = np.random.default_rng(0)
@@ -231,16 +231,15 @@ def speed_section(models: list[str], size: int, tta: int | None = None) -> dict:
                 t0 = time.perf_counter()
                 batch = nd.detector_batch(movie, stats, p.input)
                 t1 = time.perf_counter()
-                dihedral_mean(lambda v, n=name, be=backend: tiled(lambda b: be.predict(n, "default", b),
-                                                                 v[None, None], tile=p.tile, margin=p.margin)[0],
-                              batch, p.views(name))
+                tiled_views(lambda b, n=name, be=backend: be.predict(n, "default", b), batch[None], tile=p.tile,
+                            margin=p.margin, views=p.views(name))
                 t2 = time.perf_counter()
                 frames = raw
             else:
                 x = rng.normal(size=(4 if name == "unet2d" else 1, size, size)).astype(np.float32)
                 t0 = t1 = time.perf_counter()
-                dihedral_mean(lambda v, n=name, be=backend: tiled(lambda b: be.predict(n, "default", b), v[None],
-                                                                 tile=p.tile, margin=p.margin)[0], x, p.views(name))
+                tiled_views(lambda b, n=name, be=backend: be.predict(n, "default", b), x, tile=p.tile,
+                            margin=p.margin, views=p.views(name))
                 t2 = time.perf_counter()
                 frames = None
             row = res.setdefault(name, {})

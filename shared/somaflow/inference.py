@@ -236,3 +236,25 @@ def dihedral_mean(fn: Any, x: np.ndarray, n: int) -> np.ndarray:
         total = out.copy() if total is None else total + out
     assert total is not None
     return total / np.float32(len(_TTA[n]))
+
+
+def tiled_views(fn: Any, x: np.ndarray, *, tile: int, margin: int, views: int) -> np.ndarray:
+    """One example's map: ``fn`` applied by :func:`tiled` to each of ``views`` rotations/flips of ``x``
+    (:func:`dihedral_mean`), turned back and averaged.
+
+    Parameters
+    ----------
+    fn : callable
+        ``(1, ..., h, w) -> (1, h, w)`` probability for a tile, as for :func:`tiled`.
+    x : ndarray, (..., H, W)
+        One example without its batch axis; the last two axes are space.
+    tile, margin : int
+        As for :func:`tiled`.
+    views : int
+        1, 2, 4 or 8, as for :func:`dihedral_mean`.
+
+    Returns
+    -------
+    ndarray, (H, W) float32
+    """
+    return dihedral_mean(lambda v: tiled(fn, v[None], tile=tile, margin=margin)[0], x, views)

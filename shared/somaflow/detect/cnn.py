@@ -47,7 +47,7 @@ from somaflow.detect.postprocess import (
     units_from_masks,
 )
 from somaflow.evaluate.matching import SparseMasks, as_sparse
-from somaflow.inference import TTA_COUNTS, dihedral_mean, get_backend, tiled
+from somaflow.inference import TTA_COUNTS, get_backend, tiled_views
 from somaflow.nn.data import (
     DetectorInputParams,
     batch_plan,
@@ -167,15 +167,15 @@ def _json(value: Any) -> Any:
 
 def _predict_image(model: str, weights: str, x: np.ndarray, p: CnnParams) -> np.ndarray:
     backend = get_backend(p.inference)
-    return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None],
-                                         tile=p.tile, margin=p.margin)[0], x, p.views(model))
+    return tiled_views(lambda b: backend.predict(model, weights, b), x, tile=p.tile, margin=p.margin,
+                       views=p.views(model))
 
 
 def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) -> np.ndarray:
     """(T, H, W) whitened batch -> (H, W) probability, tiled in space, averaged over the model's views."""
     backend = get_backend(p.inference, threads=1)
-    return dihedral_mean(lambda v: tiled(lambda b: backend.predict(model, weights, b), v[None, None],
-                                         tile=p.tile, margin=p.margin)[0], batch, p.views(model))
+    return tiled_views(lambda b: backend.predict(model, weights, b), batch[None], tile=p.tile, margin=p.margin,
+                       views=p.views(model))
 
 
 def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
