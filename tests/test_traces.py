@@ -19,6 +19,7 @@ from somaflow.traces import (
     neuropil_masks,
     running_percentile,
     sparse_masks,
+    weighted_traces,
 )
 
 FPS = 10.0
@@ -210,6 +211,30 @@ def test_dff_floor_keeps_values_finite():
     ds = extract_traces(as_movie(movie), as_masks(masks), p).compute()
     assert np.isfinite(ds.dff).all()
     assert ds.dff.values[0, 65] == pytest.approx(30 / 10, rel=1e-5)
+
+
+def test_sparse_weights_equal_dense_masks_and_weights(scene):
+    """weighted_traces on a (unit, y*x) CSR matrix gives what extract_traces gives on the dense array."""
+    import scipy.sparse as sp
+
+    movie, masks, _ = scene
+    p = TraceParams(fps=FPS)
+    weights = masks * np.linspace(0.2, 1.0, SHAPE[1])[None, None, :]  # footprint-like, non-uniform
+    for dense in (masks, weights):
+        ref = extract_traces(as_movie(movie), as_masks(dense), p).compute()
+        got = weighted_traces(as_movie(movie), sp.csr_matrix(dense.reshape(len(dense), -1)), p).compute()
+        for name in ("traces", "dff", "spikes", "snr"):
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-7)
+    # the weighted mean is the weights' mean, not the mask's
+    raw = weighted_traces(as_movie(movie), sp.csr_matrix(weights.reshape(len(weights), -1)),
+                          TraceParams(fps=FPS, neuropil_coefficient=0, denoise=False)).compute()
+    flat = movie.reshape(len(movie), -1).astype(np.float64)
+    w = weights.reshape(len(weights), -1)
+    np.testing.assert_allclose(raw.traces, (flat @ w.T / w.sum(1)).T, rtol=1e-5)
+    with pytest.raises(InputError, match="pixel columns"):
+        weighted_traces(as_movie(movie), sp.csr_matrix(np.ones((1, 7))), p)
+    with pytest.raises(InputError, match="negative"):
+        weighted_traces(as_movie(movie), sp.csr_matrix(-w), p)
 
 
 def test_zero_units():

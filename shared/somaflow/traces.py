@@ -195,12 +195,54 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
         No frame rate in ``params.fps`` nor in ``movie.attrs["fps"]``.
     """
     _validate(movie, masks)
+    return weighted_traces(movie, sparse_masks(np.asarray(masks.values)), params, coords=_coords(movie, masks))
+
+
+def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TraceParams, *,
+                    coords: dict[str, xr.DataArray] | None = None) -> xr.Dataset:
+    """:func:`extract_traces` with the units' pixel weights given as a sparse matrix.
+
+    For callers that hold footprints sparsely (CNMF): a dense (unit, y, x)
+    copy of a large field's footprints costs gigabytes.
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x) fluorescence, as :func:`extract_traces` takes it.
+    weights : scipy.sparse.csr_matrix
+        (unit, y·x) non-negative pixel weights, C pixel order; a unit's
+        fluorescence is its weighted mean, its neuropil annulus is built
+        around its nonzero pixels.
+    params : TraceParams
+    coords : dict, optional
+        Coordinates for the result (``unit``, ``frame``); default: the movie's ``frame``.
+
+    Returns
+    -------
+    xarray.Dataset
+        As :func:`extract_traces`.
+
+    Raises
+    ------
+    InputError
+        As :func:`extract_traces`, or ``weights`` has the wrong number of columns.
+    """
+    if tuple(movie.dims) != ("frame", "y", "x"):
+        raise InputError(f"weighted_traces needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}.")
+    n_pix = int(movie.sizes["y"]) * int(movie.sizes["x"])
+    if weights.shape[1] != n_pix:
+        raise InputError(f"weights have {weights.shape[1]} pixel columns but the movie's frames hold {n_pix} "
+                         "pixels; pass (unit, y*x) weights in the movie's pixel grid.")
+    if weights.nnz and not (np.isfinite(weights.data).all() and weights.data.min() >= 0):
+        raise InputError("weights hold negative or non-finite values; pass non-negative footprints.")
+    cells = sp.csr_matrix(weights, dtype=np.float64)
+    cells.eliminate_zeros()
     fps = _frame_rate(movie, params)
     data = _whole_frames(movie)
     n_frames = data.shape[0]
-    cells = sparse_masks(np.asarray(masks.values))
     n_units = cells.shape[0]
-    coords = _coords(movie, masks)
+    if coords is None:
+        coords = {"frame": movie.coords["frame"]} if "frame" in movie.coords else {}
     attrs = {"fps": fps, "trace_params": params.model_dump_json()}
     if n_units == 0:
         empty = da.zeros((0, n_frames), dtype=np.float32, chunks=((0,), data.chunks[0]))
@@ -218,7 +260,7 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
     if n_frames < MIN_FRAMES:
         raise InputError(f"extract_traces needs at least {MIN_FRAMES} frames to infer spikes, got "
                          f"{n_frames}; pass a longer movie.")
-    rows = _weight_matrix(cells, tuple(masks.shape[1:]), params)
+    rows = _weight_matrix(cells, (int(movie.sizes["y"]), int(movie.sizes["x"])), params)
     fluo = _project(data, rows)  # (2n or n, frame), frame-chunked, float64
     corrected = fluo[:n_units]
     raw = fluo[n_units:] if rows.shape[0] > n_units else corrected

@@ -45,7 +45,12 @@ Steps (:func:`cnmf`):
    footprints and correlated traces are merged (the larger kept); then the
    full-frame-rate traces of all units come from one streaming least-squares
    pass over the trace movie with the footprints and each patch's background
-   maps as regressors (memory: one frame chunk), and each trace is deconvolved.
+   maps as regressors (memory: one frame chunk): their peak SNR decides
+   acceptance. The units' ``traces``, ``dff`` and ``spikes`` are by default
+   (``traces='neuropil'``) their footprint-weighted mask means minus the
+   neuropil annulus, deconvolved as for every other method
+   (:func:`neuropil_traces`); ``traces='demixed'`` deconvolves the
+   least-squares traces instead.
 6. **Seeded CNMF and silent cells** — with ``seed_morphology`` every mask of
    the morphology detector (:mod:`somaflow.detect.local_maxima`) that no
    activity-seeded component of its patch covers (IoU < ``morph_covered_iou``)
@@ -155,6 +160,11 @@ class CnmfParams(BaseModel):
         "auto", description="which mask wins where a CNMF and a morphology unit overlap; auto: the "
         "morphology unit's when it comes from a CNN detector, the CNMF unit's for local maxima"
     )
+    traces: Literal["neuropil", "demixed"] = Field(
+        "neuropil", description="units' traces, dff and spikes: 'neuropil': footprint-weighted mean over the "
+        "unit's mask minus its neuropil annulus, then ΔF/F and OASIS (somaflow.traces, as every other method; "
+        "measured closer to the true calcium on every simulator preset); 'demixed': per-frame least squares on "
+        "all footprints and the patches' background maps (CNMF's own C), deconvolved")
     seeds: SeedParams = SeedParams()
 
     @classmethod
@@ -973,6 +983,46 @@ def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
     return dec_v[0], dec_v[1], dff_v
 
 
+def neuropil_traces(movie: xr.DataArray, footprints: sp.csr_matrix, masks: np.ndarray,
+                    p: RunParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calcium, spikes and ΔF/F of CNMF units from their footprints over their masks, neuropil-corrected.
+
+    Each unit's fluorescence is the mean of the trace movie weighted by its
+    footprint restricted to its mask, minus ``p.traces.neuropil_coefficient``
+    times its neuropil annulus (:func:`somaflow.traces.weighted_traces`).
+    The joint least-squares traces (``cnmf.traces='demixed'``) let a cell's
+    unmodelled surround (processes, scattered light) drive the patch's
+    background regressor and so leak into every unit of the patch; the local
+    annulus does not (median matched-trace correlation with the true calcium
+    on the tuning seeds 1100-1102: 2p-small 0.898 → 0.942, 2p-dense 0.822 →
+    0.895, 2p-lowsnr 0.265 → 0.402, 1p-small 0.848 → 0.913).
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x) trace movie (dask-backed).
+    footprints : scipy.sparse.csr_matrix
+        (unit, y·x) non-negative footprints.
+    masks : numpy.ndarray
+        (unit, y, x) bool masks of the same units.
+    p : RunParams
+
+    Returns
+    -------
+    calcium, spikes, dff : ndarray, (unit, frame) float32
+    """
+    from somaflow.traces import weighted_traces
+
+    n = footprints.shape[0]
+    on_mask = sp.csr_matrix(masks.reshape(n, -1), dtype=np.float32)
+    weights = sp.csr_matrix(footprints.multiply(on_mask), dtype=np.float64)
+    # a unit whose footprint is zero on its mask (a morphology unit's detector mask) is weighed uniformly
+    empty = (np.diff(weights.indptr) == 0).astype(np.float64)
+    weights = (weights + sp.diags(empty) @ on_mask).tocsr()
+    t = weighted_traces(movie, weights, p.traces).compute()
+    return tuple(np.asarray(t[k].values, np.float32) for k in ("traces", "spikes", "dff"))  # type: ignore[return-value]
+
+
 def cnmf_units(
     corrected: xr.DataArray,
     images: xr.Dataset,
@@ -1075,7 +1125,10 @@ def cnmf_units(
             rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
             contrast = np.concatenate([contrast, np.full(int(new.sum()), np.nan)])
     raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
-    calcium, spikes, dff = temporal_outputs(raw, raw + under, p.fps, p.traces)
+    if cp.traces == "demixed":
+        calcium, spikes, dff = temporal_outputs(raw, raw + under, p.fps, p.traces)
+    else:
+        calcium, spikes, dff = neuropil_traces(movie, A, masks, p)
     snr = _snr(ndimage.uniform_filter1d(raw, 3, axis=-1)) * math.sqrt(3) if raw.shape[0] else np.zeros(0)
     snr = np.where(np.isfinite(snr), snr, 0)
     n = A.shape[0]
