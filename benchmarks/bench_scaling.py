@@ -134,7 +134,8 @@ def main() -> None:
         busy = sum(s["stop"] - s["start"] for t in ts.data for s in t["startstops"] if s["action"] == "compute")
         rows.append({"workers": n, "seconds": round(seconds, 1), "frames_per_second": round(T / seconds, 1),
                      "timings": summary["timings"], "n_units": summary["n_units"],
-                     "peak_worker_rss_gib": round(mem.worker_peak() / 2**30, 2), "load_before": round(load, 1),
+                     "peak_worker_rss_gib": round(mem.worker_peak() / 2**30, 2),
+                     "peak_client_rss_gib": round(mem.peaks.get("client", 0) / 2**30, 2), "load_before": round(load, 1),
                      "tasks": len(ts.data), "task_seconds": round(busy, 1),
                      "worker_utilization": round(busy / (seconds * n), 2),
                      "worker_cpu_seconds": round(cpu1[0] - cpu0[0], 1),
@@ -157,7 +158,8 @@ def main() -> None:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())
         print(f"{r['workers']} worker(s): {r['seconds']} s = {r['frames_per_second']} frames/s "
               f"(x{r['speedup']}; {stages}; {r['tasks']} tasks, {r['task_seconds']} task-seconds, workers busy "
-              f"{r['worker_utilization']:.0%}; CPU s workers {r['worker_cpu_seconds']}, rest {r['other_cpu_seconds']}; peak worker RSS {r['peak_worker_rss_gib']} GiB; "
+              f"{r['worker_utilization']:.0%}; CPU s workers {r['worker_cpu_seconds']}, rest {r['other_cpu_seconds']}; peak worker RSS {r['peak_worker_rss_gib']} GiB, "
+              f"client {r['peak_client_rss_gib']} GiB; "
               f"1-min load before {r['load_before']})")
 
 
