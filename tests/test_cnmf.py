@@ -314,3 +314,21 @@ def test_neuropil_traces_weigh_each_mask_by_its_footprint(sim, movie):
     np.testing.assert_allclose(calcium, ref["traces"].values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(spikes, ref["spikes"].values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dff, ref["dff"].values, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_footprints_are_lazy_blocks_of_the_sparse_rows(monkeypatch):
+    import scipy.sparse as sp
+
+    from somaflow import assemble
+    from somaflow.errors import InputError
+
+    rng = np.random.default_rng(5)
+    rows = sp.random(11, 20 * 24, density=0.05, format="csr", random_state=rng, dtype=np.float32)
+    monkeypatch.setattr(assemble, "FOOTPRINT_BLOCK_BYTES", 3 * 20 * 24 * 4)  # three units per block
+    lazy = assemble.dense_footprints(rows, (20, 24))
+    assert isinstance(lazy, da.Array) and lazy.dtype == np.float32
+    assert lazy.chunks == ((3, 3, 3, 2), (20,), (24,))
+    np.testing.assert_array_equal(lazy.compute(), rows.toarray().reshape(11, 20, 24))
+    assert assemble.dense_footprints(rows[:0], (20, 24)).shape == (0, 20, 24)
+    with pytest.raises(InputError, match="pixel columns"):
+        assemble.dense_footprints(rows, (20, 25))

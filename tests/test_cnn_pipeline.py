@@ -297,6 +297,35 @@ def test_classifier_stage_folds_its_verdict(tmp_path, name):
     assert np.isnan(none["cnn_score"].values).all()
 
 
+def test_candidate_inputs_block_by_block_equal_one_block(monkeypatch):
+    """The classifier's inputs are built over blocks of units (lazy footprints stay lazy
+    until their block): any block size gives the same arrays."""
+    import dask.array as da
+
+    from somaflow.classify import cnet
+
+    rng = np.random.default_rng(1)
+    masks = np.zeros((5, 40, 40), bool)
+    for i in range(5):
+        masks[i, 3 + 7 * i:8 + 7 * i, 4 + 5 * i:10 + 5 * i] = True
+    fp = (masks * rng.random((5, 40, 40))).astype(np.float32)
+    traces = xr.Dataset({"dff": (("unit", "frame"), rng.normal(size=(5, 200)).astype(np.float32))})
+    images = xr.Dataset({"mean_image": (("y", "x"), rng.random((40, 40)).astype(np.float32))})
+    for with_fp in (True, False):
+        units = xr.Dataset({"masks": (("unit", "y", "x"), masks)})
+        if with_fp:
+            units["footprints"] = (("unit", "y", "x"), da.from_array(fp, chunks=(2, 40, 40)))
+        whole = cnet.candidate_inputs(units, traces, images, "3cnet-plus")
+        monkeypatch.setattr(cnet, "_BLOCK_BYTES", 2 * 40 * 40 * 4)  # two units per block
+        blocks = cnet.candidate_inputs(units, traces, images, "3cnet-plus")
+        monkeypatch.undo()
+        for a, b in zip(whole, blocks, strict=True):
+            assert a.shape[0] == 5
+            np.testing.assert_array_equal(a, b)
+    empty = cnet.candidate_inputs(units.isel(unit=slice(0, 0)), traces.isel(unit=slice(0, 0)), images, "3cnet")
+    assert empty.shape == (0, 2, 92, 92)
+
+
 def test_weights_for_another_model_are_refused(unet_weights):
     from somaflow.errors import InputError
     from somaflow.inference import LocalBackend

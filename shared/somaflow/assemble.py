@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
+from somaflow.errors import InputError
 from somaflow.io.schema import make_result_dataset
 
 
@@ -55,6 +57,52 @@ def sparse_footprints(masks: np.ndarray, image: Any) -> sp.csr_matrix:
     peak[flat] = 1.0
     rows.data /= np.repeat(peak, counts)
     return rows
+
+
+#: bytes of one block of :func:`dense_footprints` (a block is one task's dense copy)
+FOOTPRINT_BLOCK_BYTES = 64 << 20
+
+
+def dense_footprints(rows: sp.csr_matrix, shape: tuple[int, int]) -> da.Array:
+    """Sparse ``(unit, y·x)`` footprints as a lazy dense ``(unit, y, x)`` float32 dask array.
+
+    Each block of units is densified only when computed (when a result is
+    written, chunk by chunk), so the whole dense stack — units × frame
+    pixels × 4 bytes, gigabytes for a large field — is never held at once.
+    A block holds at most :data:`FOOTPRINT_BLOCK_BYTES` (at least one unit).
+
+    Parameters
+    ----------
+    rows : scipy.sparse.csr_matrix
+        (unit, y·x) footprints, C pixel order.
+    shape : tuple of int
+        (y, x) frame shape.
+
+    Returns
+    -------
+    dask.array.Array
+        (unit, y, x) float32, chunked along units only.
+    """
+    import dask
+
+    ny, nx = int(shape[0]), int(shape[1])
+    rows = sp.csr_matrix(rows, dtype=np.float32)
+    n = rows.shape[0]
+    if rows.shape[1] != ny * nx:
+        raise InputError(f"footprints have {rows.shape[1]} pixel columns but the frame is {ny}x{nx}.")
+    if n == 0:
+        return da.zeros((0, ny, nx), dtype=np.float32, chunks=((0,), (ny,), (nx,)))
+    per = max(1, FOOTPRINT_BLOCK_BYTES // (4 * ny * nx))
+    blocks = [
+        da.from_delayed(dask.delayed(_densify)(rows[i:i + per], ny, nx), shape=(min(per, n - i), ny, nx),
+                        dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+        for i in range(0, n, per)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+def _densify(rows: sp.csr_matrix, ny: int, nx: int) -> np.ndarray:
+    return rows.toarray().reshape(rows.shape[0], ny, nx)
 
 
 def assemble_result(

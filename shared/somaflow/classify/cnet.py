@@ -70,17 +70,36 @@ def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
     """
     from somaflow.nn.data import candidate_examples
 
-    masks = np.asarray(units["masks"].values, bool)
-    dff = np.asarray(traces["dff"].values, np.float32)
-    if "footprints" in units:
-        rois = np.asarray(units["footprints"].values, np.float32)
+    n = units.sizes["unit"]
+    ny, nx = int(units.sizes["y"]), int(units.sizes["x"])
+    fps = float(traces.attrs.get("fps", 10.0))
+    mean = None if "footprints" in units else np.asarray(images["mean_image"].values, np.float32)
+    # blocks of units: a dense (unit, y, x) float32 stack of a large field costs gigabytes
+    per = max(1, _BLOCK_BYTES // (4 * ny * nx))
+    xs, vecs = [], []
+    for i in range(0, n, per):
+        block = slice(i, min(n, i + per))
+        masks = np.asarray(units["masks"][block].values, bool)
+        dff = np.asarray(traces["dff"][block].values, np.float32)
+        if mean is None:
+            rois = np.asarray(units["footprints"][block].values, np.float32)
+        else:
+            rois = np.stack([_masked_image(mean, m) for m in masks])
+        x_b, vec_b, _ = candidate_examples(rois, masks, dff, fps=fps)
+        xs.append(x_b)
+        vecs.append(vec_b)
+    if not xs:
+        x, vec, _ = candidate_examples(np.zeros((0, ny, nx), np.float32), np.zeros((0, ny, nx), bool),
+                                       np.zeros((0, traces.sizes["frame"]), np.float32), fps=fps)
     else:
-        mean = np.asarray(images["mean_image"].values, np.float32)
-        rois = np.stack([_masked_image(mean, m) for m in masks]) if len(masks) else np.zeros_like(masks, np.float32)
-    x, vec, _ = candidate_examples(rois, masks, dff, fps=float(traces.attrs.get("fps", 10.0)))
+        x, vec = np.concatenate(xs), np.concatenate(vecs)
     if model == "3cnet-plus":
         return x[:, :1], vec
     return x
+
+
+#: bytes of one block of units' dense ROI images in :func:`candidate_inputs`
+_BLOCK_BYTES = 64 << 20
 
 
 def _masked_image(mean: np.ndarray, mask: np.ndarray) -> np.ndarray:

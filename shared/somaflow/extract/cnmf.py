@@ -1046,7 +1046,7 @@ def cnmf_units(
         As :func:`somaflow.extract.find_units` documents; units also carry
         ``spatial_correlation`` and ``kind`` (``cnmf`` or ``morphology``).
     """
-    from somaflow.assemble import sparse_footprints
+    from somaflow.assemble import dense_footprints, sparse_footprints
     from somaflow.detect.local_maxima import detect_local_maxima
     from somaflow.preprocess.pipeline import trace_movie
 
@@ -1131,7 +1131,6 @@ def cnmf_units(
         calcium, spikes, dff = neuropil_traces(movie, A, masks, p)
     snr = _snr(ndimage.uniform_filter1d(raw, 3, axis=-1)) * math.sqrt(3) if raw.shape[0] else np.zeros(0)
     snr = np.where(np.isfinite(snr), snr, 0)
-    n = A.shape[0]
     kind_arr = np.array(kind, dtype=object).astype(str)
     is_cnmf = kind_arr == "cnmf"
     s_snr = snr / (snr + cp.min_snr)
@@ -1143,12 +1142,10 @@ def cnmf_units(
         score[~is_cnmf] = extra_score
         m_area = masks[~is_cnmf].sum(axis=(1, 2))
         accepted[~is_cnmf] = (m_area >= cp.morph_min_area_fraction * r2) & (m_area <= cp.max_area_fraction * r2)
-    fp_dense = np.zeros((n, ny * nx), np.float32)
-    if n:
-        A.tocsr().toarray(out=fp_dense)  # in place: a 512x512 field of 900 units is 0.9 GB
     units = xr.Dataset({
         "masks": (("unit", "y", "x"), masks.astype(bool)),
-        "footprints": (("unit", "y", "x"), fp_dense.reshape(n, ny, nx)),
+        # lazy: densified block by block when written (a 512x512 field of 900 units is 0.9 GB dense)
+        "footprints": (("unit", "y", "x"), dense_footprints(A, (ny, nx))),
         "score": ("unit", np.clip(score, 0, 1).astype(np.float32)),
         "accepted": ("unit", accepted.astype(bool)),
         "spatial_correlation": ("unit", np.asarray(rval, np.float32)),
