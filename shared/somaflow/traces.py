@@ -227,8 +227,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
     InputError
         As :func:`extract_traces`, or ``weights`` has the wrong number of columns.
     """
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(f"weighted_traces needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}.")
+    _validate_movie(movie)
     n_pix = int(movie.sizes["y"]) * int(movie.sizes["x"])
     if weights.shape[1] != n_pix:
         raise InputError(f"weights have {weights.shape[1]} pixel columns but the movie's frames hold {n_pix} "
@@ -295,12 +294,16 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
 # ----------------------------------------------------------------------------- inputs
 
 
-def _validate(movie: xr.DataArray, masks: xr.DataArray) -> None:
+def _validate_movie(movie: xr.DataArray) -> None:
     if tuple(movie.dims) != ("frame", "y", "x"):
         raise InputError(
-            f"extract_traces needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
+            f"traces need a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
             "Transpose or rename it."
         )
+
+
+def _validate(movie: xr.DataArray, masks: xr.DataArray) -> None:
+    _validate_movie(movie)
     if tuple(masks.dims) != ("unit", "y", "x"):
         raise InputError(
             f"extract_traces needs masks with dims ('unit', 'y', 'x'), got {tuple(masks.dims)}. "

@@ -1020,7 +1020,8 @@ def neuropil_traces(movie: xr.DataArray, footprints: sp.csr_matrix, masks: np.nd
     empty = (np.diff(weights.indptr) == 0).astype(np.float64)
     weights = (weights + sp.diags(empty) @ on_mask).tocsr()
     t = weighted_traces(movie, weights, p.traces).compute()
-    return tuple(np.asarray(t[k].values, np.float32) for k in ("traces", "spikes", "dff"))  # type: ignore[return-value]
+    calcium, spikes, dff = (np.asarray(t[k].values, np.float32) for k in ("traces", "spikes", "dff"))
+    return calcium, spikes, dff
 
 
 def cnmf_units(
