@@ -10,7 +10,9 @@ This script adds the rest (each section on its own with --sections):
 * ``classifier`` — 3CNet, 3CNet+ and the LSTM on held-out simulated candidates
   (CNMF's units on seeds 100-102, labelled by IoU >= 0.5 matching to the truth),
   next to the paper's figures, with the accuracy per band of each candidate's
-  best IoU with a true cell (how many labels sit near the 0.5 boundary);
+  best IoU with a true cell (how many labels sit near the 0.5 boundary), and
+  against the labels the evaluator's F1 implies (IoU >= 0.5 or exact
+  containment: what folding the verdict into ``accepted`` is scored against);
 * ``features`` — a logistic-regression cell classifier on the three Suite2p
   features of ``../shared/data/cell_labels_features`` (15,564 labelled ROIs),
   5-fold cross-validated accuracy;
@@ -59,6 +61,12 @@ def classifier_section(presets: list[str], seeds: list[int], cache: str | None) 
     bands = _iou_bands(np.asarray(arrays["best_iou"]), labels) if "best_iou" in arrays else None
     if bands is not None:
         out["iou_bands"] = {name: int(m.sum()) for name, m in bands.items()}
+    # the labels the evaluator's F1 implies (IoU >= 0.5 or exact containment): what folding a verdict into
+    # `accepted` is scored against; the classifiers are trained on IoU alone
+    ev = np.asarray(arrays["evaluator_labels"], np.int64) if "evaluator_labels" in arrays else None
+    if ev is not None:
+        out["evaluator_labels"] = {"n_cells": int(ev.sum()),
+                                   "always_cell_accuracy": float(ev.mean()) if len(ev) else None}
     for name, x, truth in (("3cnet", images, labels), ("3cnet-plus", (images[:, :1], vectors), labels),
                            ("lstm", nd.stack_windows(list(arrays["windows"])), active)):
         t0 = time.perf_counter()
@@ -70,6 +78,8 @@ def classifier_section(presets: list[str], seeds: list[int], cache: str | None) 
                                                  for b, m in bands.items()}
             clear = ~(bands["cell, IoU 0.5-0.6"] | bands["not a cell, IoU 0.3-0.5"])
             out[name]["accuracy_outside_0.3-0.6"] = round(float(right[clear].mean()), 3) if clear.any() else None
+        if ev is not None and name != "lstm":
+            out[name]["against_evaluator_labels"] = binary_metrics(prob >= 0.5, ev == 1)
     return out
 
 

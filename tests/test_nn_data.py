@@ -14,6 +14,7 @@ import xarray as xr
 import zarr
 
 from somaflow.errors import IncompleteResultError, InputError, ParameterError, ResultExistsError
+from somaflow.evaluate import match_iou
 from somaflow.nn import data as D
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -244,9 +245,19 @@ def test_label_candidates_on_hand_made_masks():
     np.testing.assert_array_equal(D.label_candidates(cand, truth), [1, 0, 0, 1, 0])
     np.testing.assert_array_equal(D.label_candidates(cand, truth, one_to_one=False), [1, 1, 0, 1, 0])
     np.testing.assert_array_equal(D.label_candidates(cand, truth, iou=0.1), [1, 0, 1, 1, 0])
+    # the evaluator's convention: the small disk inside cell 1 is a match (exact containment)
+    np.testing.assert_array_equal(D.label_candidates(cand, truth, containment=1.0), [1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(D.label_candidates(cand, truth, containment=1.0, one_to_one=False), [1, 1, 1, 1, 0])
+    ev = match_iou(cand, truth)
+    np.testing.assert_array_equal(np.flatnonzero(D.label_candidates(cand, truth, containment=1.0)), np.sort(ev.pred))
+    half = _disk(shape, 30, 36, 3)  # straddles cell 1's edge: not contained, IoU < 0.5
+    assert D.label_candidates(np.concatenate([cand, half[None]]), truth, containment=1.0)[-1] == 0
+    assert D.label_candidates(np.concatenate([cand, half[None]]), truth, containment=0.3, one_to_one=False)[-1] == 1
     assert D.label_candidates(cand, truth[:0]).sum() == 0
     with pytest.raises(ParameterError):
         D.label_candidates(cand, truth, iou=0)
+    with pytest.raises(ParameterError):
+        D.label_candidates(cand, truth, containment=0)
     # each candidate's best IoU with any true cell, by the definition
     best = D._best_iou(cand, truth)
     inter = (cand[:, None] & truth[None]).sum((2, 3))
@@ -331,6 +342,8 @@ def test_simulated_candidate_set_local_maxima():
     assert labels.dtype == np.int64 and set(np.unique(labels)) <= {0, 1} and labels.sum() >= 1
     assert (cs.active <= cs.labels).all() and cs.sessions[0]["n_candidates"] == n
     assert cs.best_iou.shape == (n,) and (cs.best_iou[labels == 1] >= 0.5).all()
+    # containment only adds valid pairs, and both assignments maximise the number of matches
+    assert cs.evaluator_labels.shape == (n,) and cs.evaluator_labels.sum() >= labels.sum()
 
 
 @pytest.mark.slow

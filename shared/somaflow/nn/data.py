@@ -1409,17 +1409,25 @@ def label_candidates(
     *,
     iou: float = 0.5,
     one_to_one: bool = True,
+    containment: float | None = None,
 ) -> np.ndarray:
     """Label candidates 1 (a true cell) or 0 by matching them to ground truth.
 
-    A candidate is a cell when its IoU with a true mask is ≥ ``iou`` and,
-    with ``one_to_one``, the Hungarian assignment that maximises the number
-    of such pairs and then the total IoU gives it that true cell (a second
-    candidate on the same cell is labelled 0, as an evaluation would count
-    it a false positive). Pixel overlaps come from
-    :func:`somaflow.evaluate.overlaps` (sparse). Unlike
-    :func:`somaflow.evaluate.match_iou`, containment alone (a small
-    candidate inside a cell) does not make a match.
+    A candidate and a true cell match when their IoU is ≥ ``iou`` (and, with
+    ``containment``, also when one lies inside the other: at least that
+    fraction of the smaller mask's pixels inside the larger, STNeuroNet
+    Eq. 13–14). With ``one_to_one`` the Hungarian assignment that maximises
+    the number of such pairs, then their total IoU (with ``containment``,
+    :func:`~somaflow.evaluate.match_iou`'s, where a contained pair costs 0),
+    gives each true cell at most one candidate (a second candidate on the same cell is labelled 0,
+    as an evaluation counts it a false positive).
+
+    The shipped classifiers are trained on the default, IoU alone: a small
+    candidate wholly inside a cell is 0. ``containment=1.0`` gives instead
+    exactly the units :func:`somaflow.evaluate.evaluate` counts as true
+    positives (its matching, :func:`~somaflow.evaluate.match_iou`, accepts
+    exact containment at distance 0); ``bench_cnn.py`` reports accuracy
+    against both.
 
     Parameters
     ----------
@@ -1430,24 +1438,35 @@ def label_candidates(
     iou : float
         IoU threshold in (0, 1].
     one_to_one : bool
-        False: every candidate whose best IoU reaches the threshold is 1.
+        False: every candidate that matches some true cell is 1.
+    containment : float or None
+        Fraction in (0, 1] of the smaller mask inside the larger that makes a
+        match regardless of IoU (1.0: exact containment, the evaluator's
+        default). None (default): IoU alone.
 
     Returns
     -------
     numpy.ndarray
         (N,) int64 in {0, 1}.
     """
-    from somaflow.evaluate import overlaps
+    from somaflow.evaluate import match_iou, overlaps
 
     if not 0 < iou <= 1:
         raise ParameterError(f"iou must be in (0, 1], got {iou}.")
+    if containment is not None and not 0 < containment <= 1:
+        raise ParameterError(f"containment must be in (0, 1] or None, got {containment}.")
     cand = _check_masks(candidate_masks, "label_candidates")
     truth = _check_masks(truth_masks, "label_candidates")
     labels = np.zeros(len(cand), np.int64)
     if len(cand) == 0 or len(truth) == 0:
         return labels
+    if containment is not None and one_to_one:
+        labels[np.asarray(match_iou(cand, truth, iou, containment=containment).pred, np.int64)] = 1
+        return labels
     ov = overlaps(cand, truth)
     ok = ov.iou >= iou
+    if containment is not None:
+        ok |= ov.intersection >= containment * np.minimum(ov.pred_area, ov.true_area)
     pred, true, score = ov.pred[ok], ov.true[ok], ov.iou[ok]
     if not one_to_one:
         labels[np.unique(pred)] = 1
@@ -1720,6 +1739,10 @@ class CandidateSet:
     best_iou : numpy.ndarray
         (N,) float32, each candidate's highest IoU with any true cell (0 when
         it overlaps none): how far from the labels' 0.5 boundary it lies.
+    evaluator_labels : numpy.ndarray
+        (N,) int64: 1 = a true positive as :func:`somaflow.evaluate.evaluate`
+        counts it (IoU ≥ 0.5 or exact containment; ``label_candidates(...,
+        containment=1.0)``). Not used for training.
     """
 
     images: np.ndarray
@@ -1730,6 +1753,7 @@ class CandidateSet:
     session: np.ndarray
     sessions: list[dict[str, Any]]
     best_iou: np.ndarray
+    evaluator_labels: np.ndarray
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.images, self.traces, self.windows, self.labels))
@@ -1812,7 +1836,7 @@ def simulated_candidate_set(
     from somaflow.extract import find_units
     from somaflow.params import RunParams
 
-    imgs, vecs, wins, labels, active, session, sessions, best_iou = [], [], [], [], [], [], [], []
+    imgs, vecs, wins, labels, active, session, sessions, best_iou, ev_labels = [], [], [], [], [], [], [], [], []
     for preset in presets:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -1842,6 +1866,7 @@ def simulated_candidate_set(
             wins.extend(win)
             labels.append(label_candidates(masks, truth, iou=iou))
             best_iou.append(_best_iou(masks, truth))
+            ev_labels.append(label_candidates(masks, truth, iou=iou, containment=1.0))
             active.append(label_candidates(masks, truth[firing], iou=iou))
             session.append(np.full(len(masks), len(sessions), np.int64))
             sessions.append(
@@ -1871,6 +1896,7 @@ def simulated_candidate_set(
         session=np.concatenate(session) if session else np.zeros(0, np.int64),
         sessions=sessions,
         best_iou=np.concatenate(best_iou) if best_iou else np.zeros(0, np.float32),
+        evaluator_labels=np.concatenate(ev_labels) if ev_labels else np.zeros(0, np.int64),
     )
 
 

@@ -456,7 +456,8 @@ def _candidate_set(presets: Sequence[str], seeds: Sequence[int], n_frames: int |
 def candidate_arrays(presets: Sequence[str], seeds: Sequence[int], n_frames: int | None,
                      cache: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The simulated CNMF candidate set as arrays (``images``, ``traces``, ``windows``, ``labels``,
-    ``active``, ``best_iou``; a cache written before ``best_iou`` existed lacks it) and its meta,
+    ``active``, ``best_iou``, ``evaluator_labels``; a cache written before the last two existed
+    lacks them) and its meta,
     from ``cache`` when it holds the same recipe (else made, and kept there)."""
     import hashlib
 
@@ -474,7 +475,7 @@ def candidate_arrays(presets: Sequence[str], seeds: Sequence[int], n_frames: int
         cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames)
         windows = list(nd.stack_windows(cs.windows))
         arrays = {"images": cs.images, "traces": cs.traces, "labels": cs.labels, "active": cs.active,
-                  "best_iou": cs.best_iou,
+                  "best_iou": cs.best_iou, "evaluator_labels": cs.evaluator_labels,
                   "windows": np.stack(windows) if windows else np.zeros((0, 1, 100), np.float32)}
         meta = {"recipe": json.loads(key),
                 "sessions": [{"modality": PRESETS[s["preset"]].modality, "preset": s["preset"], "seed": s["seed"],
