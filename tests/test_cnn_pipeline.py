@@ -326,6 +326,31 @@ def test_candidate_inputs_block_by_block_equal_one_block(monkeypatch):
     assert empty.shape == (0, 2, 92, 92)
 
 
+def test_detector_units_roi_image_same_in_training_and_inference():
+    """Units without footprints: 3CNet's image channel is the mean image near the mask
+    (dilated 2 px, median removed), built by one function for inference and training."""
+    from somaflow.classify import cnet
+    from somaflow.errors import InputError
+    from somaflow.nn import data as D
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((3, 50, 50), bool)
+    masks[0, 10:16, 10:16] = masks[1, 30:37, 5:12] = masks[2, 20:25, 38:44] = True
+    mean = rng.random((50, 50)).astype(np.float32)
+    rois = D.masked_mean_images(mean, masks)
+    near = np.abs(rois) > 0
+    assert near[0, 8:18, 10:16].all() and near[0, 10:16, 8:18].all() and not near[0, :7].any()  # 2-px margin
+    np.testing.assert_allclose(rois[1, 33, 8], mean[33, 8] - np.median(mean), rtol=1e-6)
+    dff = rng.normal(size=(3, 150)).astype(np.float32)
+    units = xr.Dataset({"masks": (("unit", "y", "x"), masks)})
+    traces = xr.Dataset({"dff": (("unit", "frame"), dff)}, attrs={"fps": 10.0})
+    images = xr.Dataset({"mean_image": (("y", "x"), mean)})
+    x_train, _, _ = D.candidate_examples(rois, masks, dff, fps=10.0)
+    np.testing.assert_array_equal(cnet.candidate_inputs(units, traces, images, "3cnet"), x_train)
+    with pytest.raises(InputError):
+        D.masked_mean_images(mean[:40], masks)
+
+
 def test_weights_for_another_model_are_refused(unet_weights):
     from somaflow.errors import InputError
     from somaflow.inference import LocalBackend

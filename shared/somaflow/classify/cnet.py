@@ -68,7 +68,7 @@ def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
     ndarray (unit, 2, 92, 92), or tuple of (unit, 1, 92, 92) and (unit, 512)
         float32.
     """
-    from somaflow.nn.data import candidate_examples
+    from somaflow.nn.data import candidate_examples, masked_mean_images
 
     n = units.sizes["unit"]
     ny, nx = int(units.sizes["y"]), int(units.sizes["x"])
@@ -84,7 +84,7 @@ def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
         if mean is None:
             rois = np.asarray(units["footprints"][block].values, np.float32)
         else:
-            rois = np.stack([_masked_image(mean, m) for m in masks])
+            rois = masked_mean_images(mean, masks)
         x_b, vec_b, _ = candidate_examples(rois, masks, dff, fps=fps)
         xs.append(x_b)
         vecs.append(vec_b)
@@ -100,13 +100,6 @@ def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
 
 #: bytes of one block of units' dense ROI images in :func:`candidate_inputs`
 _BLOCK_BYTES = 64 << 20
-
-
-def _masked_image(mean: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    near = ndimage.binary_dilation(mask, iterations=2)
-    return np.where(near, mean - np.median(mean), 0).astype(np.float32)
 
 
 def classify_units(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,

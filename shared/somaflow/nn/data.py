@@ -1290,6 +1290,38 @@ def cnet_input(image: np.ndarray, mask: np.ndarray, trace: np.ndarray) -> np.nda
     return out
 
 
+def masked_mean_images(mean: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """ROI images of units without footprints: the mean image near each mask.
+
+    The mean image minus its median, inside each mask dilated by 2 px, 0
+    elsewhere: what 3CNet's image channel shows for a detector's units, at
+    inference (:func:`somaflow.classify.cnet.candidate_inputs`) and in
+    training (:func:`simulated_candidate_set`).
+
+    Parameters
+    ----------
+    mean : numpy.ndarray
+        (H, W) mean image.
+    masks : numpy.ndarray
+        (N, H, W) bool.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, H, W) float32.
+    """
+    masks = _check_masks(masks, "masked_mean_images")
+    mean = np.asarray(mean, np.float32)
+    if mean.shape != masks.shape[1:]:
+        raise InputError(f"masked_mean_images: a {mean.shape} mean image for {masks.shape[1:]} masks.")
+    centred = mean - np.median(mean)
+    out = np.zeros(masks.shape, np.float32)
+    for i, m in enumerate(masks):
+        near = ndimage.binary_dilation(m, iterations=2)
+        out[i] = np.where(near, centred, 0)
+    return out
+
+
 def cnet_inputs(images: np.ndarray, masks: np.ndarray, traces: np.ndarray) -> np.ndarray:
     """:func:`cnet_input` of N candidates: (N, H, W) images (or one shared (H, W) image),
     (N, H, W) masks, (N, T) traces → (N, 2, 92, 92) float32."""
@@ -1811,7 +1843,8 @@ def simulated_candidate_set(
     ``RunParams.for_movie`` defaults, on the summary images of the
     detection movie (:func:`detection_summary_images`), on dask's threaded
     scheduler. Every unit found — accepted or not — is a candidate: its ROI
-    image is its footprint, its trace its ``dff``; labels come from
+    image is its footprint (for a method without footprints,
+    :func:`masked_mean_images`, as at inference), its trace its ``dff``; labels come from
     :func:`label_candidates` against all true cells (``labels``) and against
     the firing ones (``active``).
 
@@ -1853,8 +1886,8 @@ def simulated_candidate_set(
             masks = masks[keep]
             if "footprints" in units:
                 fp = np.asarray(units["footprints"].values, np.float32)[keep]
-            else:
-                fp = masks * np.asarray(images["mean_image"].values, np.float32)[None]
+            else:  # as classify.cnet.candidate_inputs does at inference
+                fp = masked_mean_images(np.asarray(images["mean_image"].values, np.float32), masks)
             dff = np.asarray(traces["dff"].values, np.float32)[keep]
             im, vec, win = candidate_examples(
                 fp, masks, dff, fps=fps, trace_length=trace_length, window=window
