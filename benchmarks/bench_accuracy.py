@@ -2,7 +2,9 @@
 
 Each (preset, seed) is simulated, run through the same session flow as
 ``somaflow run`` (one local Dask cluster, Prefect's ephemeral mode), and scored
-with the evaluator. Prints one row per movie and the mean per preset.
+with the evaluator. Prints one row per movie and, per preset, the mean F1, the
+median of the movies' median trace correlations, and the median over every
+matched cell of the preset (and of all presets together).
 
     .venv/bin/python benchmarks/bench_accuracy.py
     .venv/bin/python benchmarks/bench_accuracy.py --presets 2p-small 1p-small --seeds 100 101 102
@@ -52,6 +54,7 @@ def main() -> None:
         overrides = {**overrides, "classify": {**overrides.get("classify", {}), "classifier": args.classifier}}
     workdir = args.workdir or tempfile.mkdtemp(prefix="somaflow-acc-")
     rows = []
+    pooled: dict[tuple[str, str], list[float]] = {}  # every matched cell's trace r, per method and preset
     print(f"machine: {machine()}", file=sys.stderr)
     with dask_client("local", args.workers):
         for method, preset, seed in ((mt, pr, sd) for mt in args.methods for pr in args.presets for sd in args.seeds):
@@ -67,7 +70,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 summary = session_flow(os.path.join(sim_dir, "movie.tif"), out, p, overwrite=True)
                 seconds = time.perf_counter() - t0
-                ev = evaluate(out, os.path.join(sim_dir, "ground_truth.zarr"))
+                ev = evaluate(out, os.path.join(sim_dir, "ground_truth.zarr"), include_matches=True)
+                pooled.setdefault((method, preset), []).extend(
+                    r for r in ev["match_trace_correlations"] if r is not None)
                 row = {"method": method, "preset": preset, "seed": seed, "f1": ev["f1"], "precision": ev["precision"],
                        "recall": ev["recall"], "caiman_f1": ev["caiman"]["f1"],
                        "trace_corr": ev["trace_correlation"]["median"], "n_pred": ev["n_pred"],
@@ -89,8 +94,13 @@ def main() -> None:
             f1s = [r["f1"] for r in rows if r["preset"] == preset and r["method"] == method]
             tcs = [r["trace_corr"] for r in rows if r["preset"] == preset and r["method"] == method
                    and r["trace_corr"] is not None]
+            cells = pooled.get((method, preset), [])
             print(f"  {method:12s} {preset:12s} F1 {statistics.mean(f1s):.3f}  trace r "
-                  f"{statistics.median(tcs) if tcs else float('nan'):.3f}  (n={len(f1s)})")
+                  f"{statistics.median(tcs) if tcs else float('nan'):.3f}  (n={len(f1s)}; pooled over "
+                  f"{len(cells)} matched cells {statistics.median(cells) if cells else float('nan'):.3f})")
+        cells = [r for preset in args.presets for r in pooled.get((method, preset), [])]
+        print(f"  {method:12s} {'all presets':12s} trace r pooled over {len(cells)} matched cells "
+              f"{statistics.median(cells) if cells else float('nan'):.3f}")
 
 
 if __name__ == "__main__":

@@ -358,6 +358,27 @@ def test_npz_loading(tmp_path):
         load_truth(str(tmp_path / "short.npz"))
 
 
+def test_match_trace_correlations_follow_the_matches():
+    """Each match's trace correlation sits at its match's position, whatever the unit order."""
+    masks = disks()
+    n = len(masks)
+    calcium, _ = activity(n)
+    rng = np.random.default_rng(5)
+    order = rng.permutation(n)  # the prediction lists the cells in another order
+    pred_traces = calcium[order].copy()
+    noisy = order[:3]  # three cells whose predicted traces are mostly noise
+    for k in range(3):
+        pred_traces[k] = calcium[noisy[k]] + rng.normal(0, 3 * calcium[noisy[k]].std() + 1e-3, calcium.shape[1])
+    m = evaluate(Truth(masks[order], traces=pred_traces), Truth(masks, traces=calcium), include_matches=True)
+    r = dict(zip((p for p, _, _ in m["matches"]), m["match_trace_correlations"], strict=True))
+    assert len(r) == n
+    assert all(r[k] < 0.6 for k in range(3)) and all(r[k] == pytest.approx(1.0) for k in range(3, n))
+    assert np.median(list(r.values())) == pytest.approx(m["trace_correlation"]["median"], abs=1e-6)
+    # no traces to compare: one None per match
+    m = evaluate(Truth(masks), Truth(masks, traces=calcium), include_matches=True)
+    assert m["match_trace_correlations"] == [None] * n
+
+
 def test_result_zarr_counts_accepted_units_only(tmp_path):
     masks = disks()
     calcium, spikes = activity(len(masks))
@@ -376,6 +397,10 @@ def test_result_zarr_counts_accepted_units_only(tmp_path):
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["trace_correlation"]["median"] == pytest.approx(1.0)
     assert sorted(p for p, _, _ in m["matches"]) == list(range(n))
+    # each match's trace correlation, in the matches' order; their median is the summary's
+    r = m["match_trace_correlations"]
+    assert len(r) == len(m["matches"]) and all(v is not None for v in r)
+    assert np.median(r) == pytest.approx(m["trace_correlation"]["median"], abs=1e-6)
     json.dumps(m, allow_nan=False)
     report = format_report(m)
     assert "IoU >= 0.5" in report and "1.000" in report

@@ -95,12 +95,14 @@ def _scores(m: Matching) -> dict[str, Any]:
 
 def _activity(
     pred: Truth, truth: Truth, m: Matching, sigma: float, notes: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], int | None]:
-    """Trace and spike correlations of the matched pairs."""
+) -> tuple[dict[str, Any], dict[str, Any], int | None, np.ndarray | None]:
+    """Trace and spike correlations of the matched pairs (summaries, the binning factor,
+    and each matched pair's trace correlation in ``m``'s order, or None)."""
     empty = {"median": None, "mean": None, "n": 0}
     trace_c: dict[str, Any] = dict(empty)
     spike_c: dict[str, Any] = dict(empty)
     factor: int | None = None
+    trace_r: np.ndarray | None = None
     for name, out in (("traces", trace_c), ("spikes", spike_c)):
         p_arr, t_arr = getattr(pred, name), getattr(truth, name)
         if p_arr is None or t_arr is None:
@@ -117,7 +119,7 @@ def _activity(
         factor = k
         a, b = p_arr[m.pred], t_arr[m.true]
         if name == "traces":
-            r = tr.trace_correlations(a, b, k)
+            r = trace_r = tr.trace_correlations(a, b, k)
         else:
             r = tr.spike_correlations(a, b, k, sigma)
         out.update(tr.summarize(r))
@@ -125,7 +127,7 @@ def _activity(
         if n_nan:
             notes.append(f"{n_nan} matched pair(s) with a constant {name[:-1]} series were left out of its correlation.")
     spike_c["sigma_frames"] = sigma
-    return trace_c, spike_c, factor
+    return trace_c, spike_c, factor, trace_r
 
 
 def evaluate(
@@ -181,7 +183,10 @@ def evaluate(
         n_matched, threshold}, ``trace_correlation`` {median, mean, n},
         ``spike_correlation`` {median, mean, n, sigma_frames},
         ``temporal_binning``, ``notes``, ``params``, ``pred_source``,
-        ``truth_source`` and optionally ``matches``. Undefined values are None.
+        ``truth_source`` and optionally ``matches`` with
+        ``match_trace_correlations`` (each match's trace correlation, in the
+        same order; None where traces were not compared). Undefined values
+        are None.
 
     Raises
     ------
@@ -239,7 +244,7 @@ def evaluate(
 
     m_ca = match_caiman(p_sp, t_sp)
     m_nf = match_neurofinder(p_sp, t_sp)
-    trace_c, spike_c, factor = _activity(pred, truth, m_iou, params.spike_sigma, notes)
+    trace_c, spike_c, factor, trace_r = _activity(pred, truth, m_iou, params.spike_sigma, notes)
 
     out: dict[str, Any] = {
         "precision": _num(m_iou.precision),
@@ -275,6 +280,9 @@ def evaluate(
             [int(pred.ids[i]), int(truth.ids[j]), _num(v)]
             for i, j, v in zip(m_iou.pred, m_iou.true, m_iou.iou, strict=True)
         ]
+        out["match_trace_correlations"] = (
+            [_num(v) for v in trace_r] if trace_r is not None else [None] * m_iou.n_matched
+        )
     log.info("evaluated %d predicted vs %d true units: F1 %.3f", pred.n, truth.n, m_iou.f1)
     return out
 
