@@ -180,6 +180,10 @@ class Overlaps:
         union = self.pred_area + self.true_area - self.intersection
         return self.intersection / union
 
+    def contained(self, fraction: float = 1.0) -> np.ndarray:
+        """``(k,)`` bool: at least ``fraction`` of the smaller mask lies inside the larger (Eq. 14)."""
+        return self.intersection >= fraction * np.minimum(self.pred_area, self.true_area)
+
 
 def overlaps(pred: MaskLike, true: MaskLike) -> Overlaps:
     """Pixel overlaps of every pair of masks that share at least one pixel.
@@ -357,7 +361,7 @@ def match_iou(
     p, t = _pair(pred_masks, true_masks)
     ov = overlaps(p, t)
     iou = ov.iou
-    contained = ov.intersection >= containment * np.minimum(ov.pred_area, ov.true_area)
+    contained = ov.contained(containment)
     by_iou = iou >= iou_threshold
     valid = by_iou | contained
     cost = np.where(by_iou, 1.0 - iou, 0.0)

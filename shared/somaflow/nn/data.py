@@ -1498,7 +1498,7 @@ def label_candidates(
     ov = overlaps(cand, truth)
     ok = ov.iou >= iou
     if containment is not None:
-        ok |= ov.intersection >= containment * np.minimum(ov.pred_area, ov.true_area)
+        ok |= ov.contained(containment)
     pred, true, score = ov.pred[ok], ov.true[ok], ov.iou[ok]
     if not one_to_one:
         labels[np.unique(pred)] = 1
