@@ -1316,9 +1316,15 @@ def masked_mean_images(mean: np.ndarray, masks: np.ndarray) -> np.ndarray:
         raise InputError(f"masked_mean_images: a {mean.shape} mean image for {masks.shape[1:]} masks.")
     centred = mean - np.median(mean)
     out = np.zeros(masks.shape, np.float32)
+    h, w = mean.shape
     for i, m in enumerate(masks):
-        near = ndimage.binary_dilation(m, iterations=2)
-        out[i] = np.where(near, centred, 0)
+        ys, xs = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        if not ys.size:
+            continue
+        # dilate inside the mask's bounding box plus the 2-px reach, not the whole frame
+        box = (slice(max(0, ys[0] - 2), min(h, ys[-1] + 3)), slice(max(0, xs[0] - 2), min(w, xs[-1] + 3)))
+        near = ndimage.binary_dilation(m[box], iterations=2)
+        out[i][box] = np.where(near, centred[box], 0)
     return out
 
 
