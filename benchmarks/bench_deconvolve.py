@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "baseline optimize (OASIS)": {"baseline": "optimize"},
     "baseline zero": {"baseline": "zero"},
     "prior g (tau 0.7 s)": {"estimate_g": False},
+    "shared kernel (somaflow run)": {"g_scope": "shared"},
     "NND (penalty 0)": {"sparsity": "penalty", "baseline": "percentile"},
     "s_min 1 SD": {"s_min": 1.0},
     "AR(2)": {"ar_order": 2},

@@ -16,7 +16,14 @@ from scipy.signal import lfilter
 import somaflow
 import somaflow.oasis as dmod
 from somaflow.errors import InputError, ParameterError
-from somaflow.oasis import DeconvolutionParams, deconvolve, estimate_noise, oasis
+from somaflow.oasis import (
+    DeconvolutionParams,
+    deconvolve,
+    estimate_noise,
+    kernel_estimates,
+    oasis,
+    shared_kernel,
+)
 
 GROUND_TRUTH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spike_ground_truth"
 FPS = 30.0
@@ -139,6 +146,46 @@ def test_recovers_kernel_and_spikes_of_synthetic_traces(order):
     corr = [np.corrcoef(out.spikes[i], s[i])[0, 1] for i in range(3)]
     assert min(corr) > 0.75  # frame-by-frame, SNR (spike 0.5–1.5) / noise 0.15
     assert (out.spikes >= 0).all()
+
+
+def test_shared_kernel_beats_each_traces_own_fit_on_short_noisy_traces():
+    """One session's units share an indicator: the median of their AR(2) fits is a better kernel
+    for each of them than its own noisy fit (300 frames at 10 Hz, transients ~2 noise SDs)."""
+    fps = 10.0
+    rng = np.random.default_rng(0)
+    n, t = 40, 300
+    tau = rng.uniform(0.6, 0.8, n)
+    d, r = np.exp(-1 / (tau * fps)), np.exp(-1 / (0.06 * fps))
+    g = np.stack([d + r, -d * r], axis=1)
+    s = (rng.random((n, t)) < 0.3 / fps) * rng.uniform(0.5, 1.5, (n, t))
+    c = np.stack([lfilter([1.0], np.r_[1.0, -g[i]], s[i]) for i in range(n)])
+    y = 1 + c + 0.5 * rng.standard_normal((n, t))
+    own = deconvolve(y, fps)
+    shared = deconvolve(y, fps, params=DeconvolutionParams(g_scope="shared"))
+    assert np.ptp(shared.g[:, 0]) == 0  # one kernel for all rows
+    tau_shared = -1 / (fps * np.log(shared.g[0, 0]))
+    tau_own = -1 / (fps * np.log(own.g[:, 0]))
+    assert abs(tau_shared - 0.7) / 0.7 < 0.15
+    assert np.median(np.abs(tau_own - tau) / tau) > 0.25
+    active = s.sum(axis=1) > 0
+    r_own = np.median([np.corrcoef(own.calcium[i], c[i])[0, 1] for i in np.flatnonzero(active)])
+    r_shared = np.median([np.corrcoef(shared.calcium[i], c[i])[0, 1] for i in np.flatnonzero(active)])
+    assert r_shared > r_own + 0.005
+    # the two public steps give the same kernel, as the chunked pipeline uses them
+    fixed = shared_kernel(kernel_estimates(y, fps), fps, DeconvolutionParams(g_scope="shared"))
+    assert not fixed.estimate_g and fixed.tau_s == pytest.approx(tau_shared, rel=1e-9)
+    np.testing.assert_allclose(deconvolve(y, fps, params=fixed).calcium, shared.calcium, rtol=1e-9, atol=1e-12)
+
+
+def test_shared_kernel_keeps_the_prior_without_a_stable_fit_and_bounds_the_rise():
+    p = DeconvolutionParams(g_scope="shared", tau_s=0.9)
+    fixed = shared_kernel(np.full((3, 2), np.nan), 30.0, p)
+    assert not fixed.estimate_g and fixed.tau_s == 0.9
+    p2 = DeconvolutionParams(g_scope="shared", ar_order=2, tau_s=0.9, tau_rise_s=0.1)
+    d = np.exp(-1 / (0.5 * 30.0))
+    fixed2 = shared_kernel(np.array([[d, d * d], [d, d * d], [np.nan, np.nan]]), 30.0, p2)
+    assert fixed2.tau_s == pytest.approx(0.5) and 0 < fixed2.tau_rise_s < fixed2.tau_s / 2
+    assert kernel_estimates(np.zeros(100), 30.0).shape == (1, 2)
 
 
 def test_noise_from_the_spectrum():

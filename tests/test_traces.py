@@ -170,10 +170,36 @@ def test_spikes_are_oasis_on_each_units_dff(scene):
         assert np.corrcoef(ds.spikes.values[i], true_spikes[i])[0, 1] > 0.8
 
 
+def test_shared_kernel_does_not_depend_on_the_unit_chunking():
+    """The pipeline's kernel is shared by all units, not by the units of one chunk."""
+    import dask.array as da
+
+    from somaflow.traces import deconvolve_blocks
+
+    rng = np.random.default_rng(5)
+    t = 400
+    calcium = np.stack([np.convolve((rng.random(t) < 0.05) * 1.0, 0.9 ** np.arange(60))[:t] for _ in range(9)])
+    dff = calcium + 0.2 * rng.standard_normal(calcium.shape)
+    p = TraceParams().deconvolution
+    assert p.g_scope == "shared"
+    whole = deconvolve_blocks(da.from_array(dff, chunks=(-1, -1)), FPS, p).compute()
+    split = deconvolve_blocks(da.from_array(dff, chunks=(2, -1)), FPS, p).compute()
+    np.testing.assert_allclose(split, whole, rtol=1e-10, atol=1e-12)
+    ref = deconvolve(dff, FPS, params=p)
+    np.testing.assert_allclose(whole[0], ref.calcium, rtol=1e-10, atol=1e-12)
+    # a per-trace kernel would differ between rows
+    own = deconvolve(dff, FPS, params=p.model_copy(update={"g_scope": "trace"}))
+    assert np.ptp(own.g[:, 0]) > 0 and np.ptp(ref.g[:, 0]) == 0
+
+
 def test_legacy_tau_moves_into_deconvolution():
     assert TraceParams(tau_s=1.3).deconvolution.tau_s == 1.3
     p = TraceParams.model_validate({"tau_s": 0.4, "deconvolution": {"ar_order": 2, "tau_rise_s": 0.05}})
     assert p.deconvolution.tau_s == 0.4 and p.deconvolution.ar_order == 2
+    # fields a partial dict leaves out keep the stage's defaults (one kernel per movie)
+    assert p.deconvolution.g_scope == "shared" and TraceParams(tau_s=1.3).deconvolution.g_scope == "shared"
+    assert TraceParams(deconvolution={"tau_s": 1.1}).deconvolution.g_scope == "shared"
+    assert TraceParams(deconvolution=DeconvolutionParams()).deconvolution.g_scope == "trace"
 
 
 def test_snr_separates_active_from_silent(scene):

@@ -19,12 +19,15 @@ Pipeline per unit (all lazy, dask-parallel):
    or negative (σ_F: noise of ``F`` from the MAD of its first difference).
 4. **Spikes** — OASIS non-negative deconvolution of each unit's whole ΔF/F
    trace (:func:`somaflow.deconvolve.deconvolve`, parameters in
-   ``deconvolution``): AR(1) kernel estimated per unit around the prior
-   ``deconvolution.tau_s``, noise-constrained sparsity, percentile baseline.
+   ``deconvolution``): AR(1) kernel shared by all units of the movie (the
+   median of the units' AR(2) fits, ``g_scope="shared"``; the prior
+   ``deconvolution.tau_s`` where no fit is stable), noise-constrained
+   sparsity, percentile baseline.
    ΔF/F rather than F so that the spikes of all units share one scale (ΔF/F
    jump per frame) and the running-percentile baseline has already removed
    slow drifts, which OASIS's constant baseline cannot follow. Computed per
-   block of whole traces, chunked along units. On the simulator (true
+   block of whole traces, chunked along units (the shared kernel is
+   estimated over all blocks first). On the simulator (true
    masks; median over active cells of the correlation of Gaussian-smoothed
    spikes with the truth, ``somaflow.evaluate.traces.spike_correlations``,
    mean of seeds 0 and 1; 2p-small / 2p-dense / 2p-lowsnr / 1p-small) it
@@ -51,9 +54,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
-from somaflow.oasis import MIN_FRAMES, DeconvolutionParams, deconvolve
+from somaflow.oasis import (
+    MIN_FRAMES,
+    DeconvolutionParams,
+    deconvolve,
+    kernel_estimates,
+    shared_kernel,
+)
 
 log = logging.getLogger(__name__)
+
+#: the stage's deconvolution: one kernel for all units of a movie (see DeconvolutionParams.g_scope)
+_DECONVOLUTION = DeconvolutionParams(g_scope="shared")
 
 #: MAD → σ of a normal distribution
 _MAD_TO_SIGMA = 1.4826
@@ -113,19 +125,26 @@ class TraceParams(BaseModel):
         0.1, gt=0, le=1, description="F0 floor as a fraction of the median raw fluorescence"
     )
     deconvolution: DeconvolutionParams = Field(
-        DeconvolutionParams(), description="spike inference (OASIS) on each unit's dF/F"
+        _DECONVOLUTION, description="spike inference (OASIS) on each unit's dF/F"
     )
 
     @model_validator(mode="before")
     @classmethod
-    def _legacy_tau(cls, data: object) -> object:
-        """Move a legacy top-level ``tau_s`` (s) into ``deconvolution.tau_s``."""
-        if isinstance(data, dict) and "tau_s" in data:
-            data = dict(data)
-            tau = data.pop("tau_s")
-            sub = data.get("deconvolution", {})
-            sub = sub.model_dump() if isinstance(sub, DeconvolutionParams) else dict(sub)
-            data["deconvolution"] = {**sub, "tau_s": tau}
+    def _partial_deconvolution(cls, data: object) -> object:
+        """Fill a partial ``deconvolution`` dict from this stage's default; move a legacy ``tau_s`` into it."""
+        if not isinstance(data, dict):
+            return data
+        sub = data.get("deconvolution")
+        if "tau_s" not in data and not isinstance(sub, dict):
+            return data
+        data = dict(data)
+        if isinstance(sub, DeconvolutionParams):
+            sub = sub.model_dump()
+        else:  # a dict (or nothing): the fields it leaves out keep this stage's defaults (a shared kernel)
+            sub = {**_DECONVOLUTION.model_dump(), **(sub or {})}
+        if "tau_s" in data:
+            sub["tau_s"] = data.pop("tau_s")
+        data["deconvolution"] = sub
         return data
 
     @classmethod
@@ -152,7 +171,7 @@ class TraceParams(BaseModel):
             neuropil_inner_gap=round(max(2.0, r / 3), 3),
             neuropil_width=round(2 * r, 3),
             min_neuropil_pixels=max(1, int(round(2 * math.pi * r * r))),
-            deconvolution=DeconvolutionParams(tau_s=1.0 if one_p else 0.7),
+            deconvolution=DeconvolutionParams(tau_s=1.0 if one_p else 0.7, g_scope="shared"),
         )
 
 
@@ -273,8 +292,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
         min_fraction=params.min_baseline_fraction, dtype=np.float64,
     )
-    oasis = da.map_blocks(_oasis_block, dff, fps=fps, params=params.deconvolution, new_axis=0,
-                          chunks=((2,), *dff.chunks), dtype=np.float64)
+    oasis = deconvolve_blocks(dff, fps, params.deconvolution)
     spikes = oasis[1]
     trace = oasis[0] if params.denoise else corrected
     n_smooth = max(1, int(round(params.deconvolution.tau_s * fps / 2)))
@@ -544,6 +562,43 @@ def dff_rows(
     floor = np.maximum(min_fraction * np.median(raw, axis=-1), _noise_sd(f))
     floor = np.maximum(floor, np.finfo(np.float32).tiny)
     return (f - f0) / np.maximum(f0, floor[:, None])
+
+
+def deconvolve_blocks(dff: da.Array, fps: float, params: DeconvolutionParams) -> da.Array:
+    """OASIS on a unit-chunked ΔF/F array, each chunk holding whole traces.
+
+    With ``params.g_scope == "shared"`` (and ``estimate_g``) the kernel is
+    shared by all units, not by the units of a chunk: each chunk's
+    :func:`somaflow.oasis.kernel_estimates` are gathered first and
+    :func:`somaflow.oasis.shared_kernel` fixes it, so the result does not
+    depend on the chunking.
+
+    Parameters
+    ----------
+    dff : dask.array.Array
+        (unit, frame) float64, one chunk along ``frame``.
+    fps : float
+        Frame rate (Hz).
+    params : DeconvolutionParams
+
+    Returns
+    -------
+    dask.array.Array
+        (2, unit, frame) float64: denoised calcium, spikes.
+    """
+    if params.estimate_g and params.g_scope == "shared":
+        est = da.map_blocks(_kernel_block, dff, fps=fps, params=params, chunks=(dff.chunks[0], (2,)),
+                            dtype=np.float64)
+        params = dask.delayed(shared_kernel, pure=True)(est, fps, params)
+    return da.map_blocks(_oasis_block, dff, fps=fps, params=params, new_axis=0,
+                         chunks=((2,), *dff.chunks), dtype=np.float64)
+
+
+def _kernel_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:
+    """(unit, 2) AR(2) root estimates of rows holding whole ΔF/F traces."""
+    if dff.shape[0] == 0:
+        return np.zeros((0, 2))
+    return kernel_estimates(dff, fps, params)
 
 
 def _oasis_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:

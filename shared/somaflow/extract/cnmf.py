@@ -957,14 +957,13 @@ def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
     fps : float
         Frame rate (Hz).
     tp : TraceParams
-        Baseline window and percentile of the ΔF/F.
+        Baseline window and percentile of the ΔF/F, and the deconvolution.
 
     Returns
     -------
     calcium, spikes, dff : ndarray, (unit, frame) float32
     """
-    from somaflow.oasis import DeconvolutionParams
-    from somaflow.traces import _oasis_block, _window_frames, dff_rows
+    from somaflow.traces import _window_frames, deconvolve_blocks, dff_rows
 
     n, n_frames = raw.shape
     if n == 0:
@@ -977,8 +976,7 @@ def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
     dff = da.map_blocks(dff_rows, f_d, f_d, window=window, percentile=tp.baseline_percentile,
                         samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction,
                         dtype=np.float64)
-    dec = da.map_blocks(_oasis_block, raw_d, fps=fps, params=DeconvolutionParams(), new_axis=0,
-                        chunks=((2,), *raw_d.chunks), dtype=np.float64)
+    dec = deconvolve_blocks(raw_d, fps, tp.deconvolution)
     dec_v, dff_v = dask.compute(dec.astype(np.float32), dff.astype(np.float32))
     return dec_v[0], dec_v[1], dff_v
 
