@@ -251,7 +251,7 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
     tp = TraceParams.for_movie(10.0, "2p", 5.0)
     with dask.config.set(scheduler="threads"):
         calcium, s_out, dff = C.temporal_outputs(raw, fluo, 10.0, tp)
-    ref = deconvolve(raw, 10.0)
+    ref = deconvolve(raw, 10.0, params=tp.deconvolution)  # one kernel shared by all 37 units, 3 blocks
     window = _window_frames(tp.baseline_window_s * 10.0, 400)
     ref_dff = dff_rows(fluo, fluo, window=window, percentile=tp.baseline_percentile,
                        samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
@@ -259,9 +259,11 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
     np.testing.assert_allclose(calcium, ref.calcium, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s_out, ref.spikes, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dff, ref_dff, rtol=1e-5, atol=1e-6)
-    # one unit alone gives the same rows as inside a block
-    c1, _, _ = C.temporal_outputs(raw[5:6], fluo[5:6], 10.0, tp)
-    np.testing.assert_allclose(c1[0], calcium[5], rtol=1e-5, atol=1e-6)
+    # with per-trace kernels one unit alone gives the same row as inside a block
+    own = tp.model_copy(update={"deconvolution": tp.deconvolution.model_copy(update={"g_scope": "trace"})})
+    c_all, _, _ = C.temporal_outputs(raw, fluo, 10.0, own)
+    c1, _, _ = C.temporal_outputs(raw[5:6], fluo[5:6], 10.0, own)
+    np.testing.assert_allclose(c1[0], c_all[5], rtol=1e-5, atol=1e-6)
     empty = C.temporal_outputs(np.zeros((0, 400)), np.zeros((0, 400)), 10.0, tp)
     assert all(a.shape == (0, 400) for a in empty)
 
