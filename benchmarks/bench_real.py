@@ -85,7 +85,7 @@ def main() -> None:
                 print(f"{method:14s} {ev['f1']:6.3f} {ev['precision']:6.3f} {ev['recall']:6.3f} "
                       f"{ev['caiman']['f1']:9.3f} {ev['neurofinder']['combined']:6.3f} {ev['n_pred']:5d}  {sec:6.1f}",
                       flush=True)
-            print(f"(ground truth: {ev['n_true']} human ROIs; Suite2p was not run here: it is not a dependency)")
+            print(f"(ground truth: {ev['n_true']} human ROIs; Suite2p's figures: bench_suite2p.py)")
         if not args.skip_miniscope:
             movie = DATA / "miniscope_1p" / "movie.tif"
             print("\n## miniscope_1p (10 Hz, 1p, no ground truth)")
