@@ -114,11 +114,12 @@ class DeconvolutionParams(BaseModel):
         :func:`shared_kernel`). The AR(2) fit is used for either
         ``ar_order``: a finite rise biases an AR(1) fit's decay short (on the
         2p-lowsnr tuning movies median τ 0.35-0.55 s against true 0.4-0.9 s).
-        On 300-frame traces one trace's fit is noisy; the shared kernel
-        raised the median correlation of matched ``traces`` with the true
-        calcium on the tuning seeds 1100-1102 (2p-small 0.935 → 0.936,
-        2p-dense 0.888 → 0.904, 2p-lowsnr 0.404 → 0.458, 1p-small 0.912 →
-        0.923). ``somaflow run`` uses ``"shared"`` (:class:`somaflow.traces.TraceParams`).
+        On 300-frame traces one trace's fit is noisy; under ``somaflow run``
+        (CNMF) the shared kernel raised the median correlation of matched
+        ``traces`` with the true calcium, over all matched cells of the
+        tuning seeds 1100-1102, from 0.935 / 0.888 / 0.404 / 0.912 to 0.935 /
+        0.901 / 0.450 / 0.919 (2p-small / 2p-dense / 2p-lowsnr / 1p-small).
+        ``somaflow run`` uses ``"shared"`` (:class:`somaflow.traces.TraceParams`).
     g_lags : int
         Extra autocovariance lags (beyond ``ar_order``) in the Yule-Walker fit.
     tau_range_s : (float, float)

@@ -171,7 +171,7 @@ class TraceParams(BaseModel):
             neuropil_inner_gap=round(max(2.0, r / 3), 3),
             neuropil_width=round(2 * r, 3),
             min_neuropil_pixels=max(1, int(round(2 * math.pi * r * r))),
-            deconvolution=DeconvolutionParams(tau_s=1.0 if one_p else 0.7, g_scope="shared"),
+            deconvolution=_DECONVOLUTION.model_copy(update={"tau_s": 1.0 if one_p else 0.7}),
         )
 
 
