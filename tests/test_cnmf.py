@@ -125,6 +125,10 @@ def test_find_units_cnmf_schema(sim, movie):
                  ids=np.flatnonzero(acc), fps=10.0, source="t", notes=())
     true = Truth(masks=np.asarray(sim.masks), traces=np.asarray(sim.calcium), spikes=None,
                  ids=np.arange(sim.n_units), fps=10.0, source="t", notes=())
+    # every unit's width is its mask's; accepted CNMF units are at least min_width_radii r wide
+    np.testing.assert_allclose(units["width"].values, C.mask_width(units["masks"].values), rtol=1e-5)
+    is_cnmf = units["kind"].values == "cnmf"
+    assert (units["width"].values[acc & is_cnmf] >= p.cnmf.min_width_radii * 5.0).all()
     res = evaluate(pred, true, allow_offset=False)
     assert res["f1"] >= 0.85, res  # measured 0.94 (local-maxima morphology: 0.78)
     # the default neuropil-corrected footprint means: measured 0.879 (cnmf.traces='demixed': 0.825)
@@ -174,6 +178,21 @@ def test_mask_contrast_separates_somata_from_flat_background():
     flat = (yy - 28) ** 2 + (xx - 28) ** 2 <= 16
     con = C.mask_contrast(np.stack([soma, flat, np.zeros_like(soma)]), img, 4.0)
     assert con[0] > 5 and abs(con[1]) < 1 and np.isnan(con[2])
+
+
+def test_mask_width_is_a_soma_diameter_and_small_for_slivers():
+    yy, xx = np.mgrid[:60, :60]
+    disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 36  # r = 6 px
+    bar = np.zeros((60, 60), bool)
+    bar[40:44, 5:55] = True  # 4 px wide, 50 px long
+    diag = np.eye(60, dtype=bool) | np.eye(60, k=1, dtype=bool)  # a 2-px diagonal streak
+    single = np.zeros((60, 60), bool)
+    single[3, 3] = True
+    w = C.mask_width(np.stack([disk, bar, diag, single, np.zeros_like(disk)]))
+    assert abs(w[0] - 12.0) < 1.0  # ~2 r
+    assert abs(w[1] - 4 * (15 / 12) ** 0.5) < 0.01  # 4 SD across 4 rows of pixels
+    assert w[2] < 2.0 and w[3] == 0 and w[4] == 0
+    assert C.mask_width(np.zeros((0, 5, 5), bool)).shape == (0,)
 
 
 def test_residual_pnr_finds_a_hidden_transient():

@@ -69,8 +69,11 @@ Steps (:func:`cnmf`):
    mean image against a ring around it — a soma is brighter than its surround,
    a neuropil fluctuation fitted as a component is not; measured on the tuning
    movies it rejects most false CNMF units, which SNR and spatial correlation
-   do not separate); ``accepted`` needs all three above ``min_snr`` /
-   ``min_spatial_correlation`` / ``min_contrast``, and CNMF units below
+   do not separate) and ``width`` (:func:`mask_width`: the mask's narrowest
+   extent; a soma is round, so a sliver much thinner than a soma is a
+   dendrite, neuropil or border fragment); ``accepted`` needs all four above
+   ``min_snr`` / ``min_spatial_correlation`` / ``min_contrast`` /
+   ``min_width_radii`` · r, and CNMF units below
    ``min_contrast`` do not hide the morphology unit at the same place
    (morphology units: the detector's score). ``score`` in [0, 1].
 
@@ -136,6 +139,9 @@ class CnmfParams(BaseModel):
         0.0, ge=0, description="(0: off, not measured to help on held-out seeds) morphology units with a smaller mask (pi r^2) are not accepted: on the tuning "
         "movies they were a dense field's cell cut short or a fragment")
     max_area_fraction: float = Field(2.2, gt=0, description="largest mask area (pi r^2): wider is not one soma")
+    min_width_radii: float = Field(
+        1.2, ge=0, description="accepted CNMF units' masks are at least this wide (r) across their narrowest "
+        "axis (mask_width; a disk is 2 r): thinner ones are dendrite, neuropil or border fragments. 0: off")
     min_snr: float = Field(3.0, ge=0, description="accepted units reach this peak SNR")
     min_spatial_correlation: float = Field(0.5, ge=-1, le=1, description="accepted units' spatial correlation")
     min_contrast: float = Field(
@@ -892,6 +898,39 @@ def mask_contrast(masks: np.ndarray, image: np.ndarray, radius: float) -> np.nda
     return out
 
 
+def mask_width(masks: np.ndarray) -> np.ndarray:
+    """Width of each mask across its narrowest axis: its second-moment ellipse's minor axis.
+
+    ``4 √λ_min`` of the covariance of the mask's pixel coordinates
+    (scikit-image's ``axis_minor_length``): a filled disk of radius r gives
+    about 2 r, a line one pixel wide about 0. A soma is round, so a mask much
+    thinner than a soma is a dendrite, a neuropil streak or a border artefact,
+    whatever its area.
+
+    Parameters
+    ----------
+    masks : ndarray, (unit, y, x) bool
+
+    Returns
+    -------
+    ndarray, (unit,) float64
+        Width in pixels; 0 for an empty mask.
+    """
+    masks = np.asarray(masks, bool)
+    out = np.zeros(len(masks))
+    if not len(masks):
+        return out
+    rows = sp.csr_matrix(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))))
+    for k in range(len(masks)):
+        idx = rows.indices[rows.indptr[k]:rows.indptr[k + 1]]
+        if len(idx) < 2:
+            continue
+        ys, xs = np.divmod(idx, masks.shape[2])
+        cov = np.cov(np.stack([ys, xs]).astype(np.float64), bias=True)
+        out[k] = 4.0 * math.sqrt(max(float(np.linalg.eigvalsh(cov)[0]), 0.0))
+    return out
+
+
 def full_rate_traces(movie: xr.DataArray, units: sp.csr_matrix, background: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares coefficients of every frame on the footprints and background maps.
 
@@ -1091,6 +1130,7 @@ def cnmf_units(
     ok = size_ok | use_det
     A, masks, rval, origin = A[np.flatnonzero(ok)], masks[ok], fit.spatial_corr[ok], fit.origin[ok]
     contrast = mask_contrast(masks, np.asarray(images["mean_image"], np.float32), cp.neuron_radius)
+    width = mask_width(masks)
     kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
     extra_score: list[float] = [float(lm_score[o]) for o in origin if o >= 0]
     if cp.add_silent:
@@ -1107,7 +1147,8 @@ def cnmf_units(
             frac_m = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
             same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
             same &= origin < 0
-            A, masks, rval, contrast = A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same]
+            A, masks, rval, contrast, width = (A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same],
+                                               width[~same])
             origin = origin[~same]
             kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
             new = ~seeded
@@ -1123,6 +1164,7 @@ def cnmf_units(
             extra_score += [float(s) for s in lm_score[new]]
             rval = np.concatenate([rval, np.full(int(new.sum()), np.nan)])
             contrast = np.concatenate([contrast, np.full(int(new.sum()), np.nan)])
+            width = np.concatenate([width, mask_width(add_masks)])
     raw, under = full_rate_traces(movie, A.astype(np.float32), fit.background)
     if cp.traces == "demixed":
         calcium, spikes, dff = temporal_outputs(raw, raw + under, p.fps, p.traces)
@@ -1136,7 +1178,8 @@ def cnmf_units(
     s_r = np.clip(np.nan_to_num(rval, nan=0.0), 0, 1)
     score = np.where(is_cnmf, 0.5 * s_snr + 0.5 * s_r, 0.0)
     accepted = (is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
-                & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast))
+                & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast)
+                & (width >= cp.min_width_radii * cp.neuron_radius))
     if extra_score:
         score[~is_cnmf] = extra_score
         m_area = masks[~is_cnmf].sum(axis=(1, 2))
@@ -1149,6 +1192,7 @@ def cnmf_units(
         "accepted": ("unit", accepted.astype(bool)),
         "spatial_correlation": ("unit", np.asarray(rval, np.float32)),
         "contrast": ("unit", np.asarray(contrast, np.float32)),
+        "width": ("unit", np.asarray(width, np.float32)),
         "kind": ("unit", kind_arr),
     }, attrs={"n_seeds": int(fit.seeds.sizes["seed"])})
     units.attrs["morphology_detector"] = detector
