@@ -46,6 +46,43 @@ def contours_png(image: np.ndarray, masks: np.ndarray, path: Path) -> None:
     Image.fromarray(rgb).resize((rgb.shape[1] * 2, rgb.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def neurofinder_breakdown(result: str, truth: str, radius: float) -> None:
+    """Which units match and which human ROIs are missed, for a CNMF result on Neurofinder.
+
+    Prints the accepted units per ``kind`` (CNMF components or the morphology
+    detector's units) with how many match a human ROI (IoU ≥ 0.5), and the
+    median anatomical contrast (:func:`somaflow.extract.cnmf.mask_contrast`,
+    ring SDs) of found and missed ROIs on the mean and correlation images: a
+    missed ROI darker than its surround on both is a silent soma that only its
+    shape shows.
+    """
+    import xarray as xr
+
+    from somaflow.evaluate import evaluate
+    from somaflow.evaluate.groundtruth import load_truth
+    from somaflow.extract.cnmf import mask_contrast
+    from somaflow.io import schema
+
+    units_url = result + ".work/units.zarr"
+    if not os.path.exists(units_url):
+        return
+    kind = np.asarray(xr.open_zarr(units_url, consolidated=False)["kind"].values).astype(str)
+    res = schema.open_result(result)
+    accepted = np.asarray(res["accepted"].values, bool)
+    ev = evaluate(result, truth, include_matches=True)
+    matched_units = {m[0] for m in ev["matches"]}
+    for k in np.unique(kind):
+        ids = np.flatnonzero(accepted & (kind == k))
+        print(f"  accepted {k} units: {len(ids)}, matching a human ROI: {sum(int(i) in matched_units for i in ids)}")
+    t = load_truth(truth, shape=tuple(res["mean_image"].shape))
+    found = np.isin(np.asarray(t.ids), [m[1] for m in ev["matches"]])
+    masks = np.asarray(t.masks, bool)
+    for name in ("mean_image", "correlation_image"):
+        con = mask_contrast(masks, np.asarray(res[name].values, np.float32), radius)
+        print(f"  human ROIs' contrast on the {name}: found {np.nanmedian(con[found]):+.2f}, "
+              f"missed {np.nanmedian(con[~found]):+.2f} (median, ring SDs; {found.sum()} found, {(~found).sum()} missed)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["local-maxima", "cnmf", "pca-ica"])
@@ -85,6 +122,8 @@ def main() -> None:
                 print(f"{method:14s} {ev['f1']:6.3f} {ev['precision']:6.3f} {ev['recall']:6.3f} "
                       f"{ev['caiman']['f1']:9.3f} {ev['neurofinder']['combined']:6.3f} {ev['n_pred']:5d}  {sec:6.1f}",
                       flush=True)
+                if method == "cnmf":
+                    neurofinder_breakdown(out, str(truth), args.neuron_radius)
             print(f"(ground truth: {ev['n_true']} human ROIs; Suite2p's figures: bench_suite2p.py)")
         if not args.skip_miniscope:
             movie = DATA / "miniscope_1p" / "movie.tif"
