@@ -90,7 +90,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -856,6 +856,21 @@ def masks_from_footprints(footprints: sp.csr_matrix, shape: tuple[int, int], fra
     return out
 
 
+def _mask_pixels(masks: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(k, ys, xs)``: the pixel coordinates of every non-empty mask of a (unit, y, x) stack.
+
+    One pass over the stack (sparse rows) instead of one full-frame scan per mask.
+    """
+    if not len(masks):
+        return
+    rows = sp.csr_matrix(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))))
+    for k in range(len(masks)):
+        idx = rows.indices[rows.indptr[k]:rows.indptr[k + 1]]
+        if len(idx):
+            ys, xs = np.divmod(idx, masks.shape[2])
+            yield k, ys, xs
+
+
 def mask_contrast(masks: np.ndarray, image: np.ndarray, radius: float) -> np.ndarray:
     """Anatomical contrast of each mask on ``image`` (the mean image).
 
@@ -877,15 +892,9 @@ def mask_contrast(masks: np.ndarray, image: np.ndarray, radius: float) -> np.nda
     """
     out = np.full(len(masks), np.nan)
     steps = max(2, int(round(radius)))
-    # one pass over the stack for every mask's pixels, then per-mask work in its bounding box
     masks = np.asarray(masks, bool)
-    rows = sp.csr_matrix(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))))
-    width = masks.shape[2]
-    for k, m in enumerate(masks):
-        idx = rows.indices[rows.indptr[k]:rows.indptr[k + 1]]
-        if not len(idx):
-            continue
-        ys, xs = np.divmod(idx, width)
+    for k, ys, xs in _mask_pixels(masks):
+        m = masks[k]
         y0, y1 = max(0, ys.min() - steps - 1), min(m.shape[0], ys.max() + steps + 2)
         x0, x1 = max(0, xs.min() - steps - 1), min(m.shape[1], xs.max() + steps + 2)
         sub = m[y0:y1, x0:x1]
@@ -918,14 +927,9 @@ def mask_width(masks: np.ndarray) -> np.ndarray:
     """
     masks = np.asarray(masks, bool)
     out = np.zeros(len(masks))
-    if not len(masks):
-        return out
-    rows = sp.csr_matrix(masks.reshape(len(masks), int(np.prod(masks.shape[1:]))))
-    for k in range(len(masks)):
-        idx = rows.indices[rows.indptr[k]:rows.indptr[k + 1]]
-        if len(idx) < 2:
+    for k, ys, xs in _mask_pixels(masks):
+        if len(ys) < 2:
             continue
-        ys, xs = np.divmod(idx, masks.shape[2])
         cov = np.cov(np.stack([ys, xs]).astype(np.float64), bias=True)
         out[k] = 4.0 * math.sqrt(max(float(np.linalg.eigvalsh(cov)[0]), 0.0))
     return out
