@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory-limit", default="1.5GiB", help="per-worker memory limit")
-    ap.add_argument("--motion", default=None, help="motion mode override: none|rigid|piecewise")
+    ap.add_argument("--motion", default=None, help="motion mode override: none|rigid|piecewise|auto")
     ap.add_argument("--workdir", default=None, help="where to put the zarrs (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -74,7 +74,9 @@ def main() -> None:
             det, plain = summary_stage.fn(corrected_url, p)
             t2 = time.perf_counter()
         results.update({
-            "motion_mode": p.preprocess.motion.mode,
+            # the model registration used (motion.mode auto resolved) and what chose it
+            "motion_mode": json.loads(motion.attrs.get("motion_params", "{}")).get("mode", p.preprocess.motion.mode),
+            "nonrigid_deviation": motion.attrs.get("nonrigid_deviation"),
             "motion_s": round(t1 - t0, 1), "motion_fps": round(T / (t1 - t0), 1),
             "summary_s": round(t2 - t1, 1), "summary_fps": round(T / (t2 - t1), 1),
             "preprocess_fps": round(T / (t2 - t0), 1),

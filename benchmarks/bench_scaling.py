@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="frame height and width in pixels (default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
-    ap.add_argument("--motion", default=None, help="motion mode override: none|rigid|piecewise")
+    ap.add_argument("--motion", default=None, help="motion mode override: none|rigid|piecewise|auto (default: the run's, auto for 2p)")
     ap.add_argument("--workdir", default=None, help="where to put the zarrs (default: a temp dir, removed)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--task-stream", default=None, metavar="PREFIX",
@@ -101,6 +101,7 @@ def main() -> None:
     from prefect import flow
     from somaflow_flows.session import session_flow
 
+    from somaflow.io import schema
     from somaflow.params import RunParams
     from somaflow.runtime import dask_client
 
@@ -140,12 +141,13 @@ def main() -> None:
                      "worker_utilization": round(busy / (seconds * n), 2),
                      "worker_cpu_seconds": round(cpu1[0] - cpu0[0], 1),
                      "other_cpu_seconds": round(cpu1[1] - cpu0[1], 1)})
+        rows[-1]["motion_mode"] = schema.open_result(out).attrs.get("motion_mode")  # auto resolved
         shutil.rmtree(out + ".work", ignore_errors=True)
     base = rows[0]["seconds"]
     for r in rows:  # from the seconds: the printed frames/s are rounded
         r["speedup"] = round(base / r["seconds"], 2)
     result = {"machine": machine(), "preset": args.preset,
-              "shape": [T, Y, X], "bytes": T * Y * X * 2, "motion_mode": p.preprocess.motion.mode,
+              "shape": [T, Y, X], "bytes": T * Y * X * 2, "motion_mode": rows[0]["motion_mode"],
               "simulate_s": round(simulate_s, 1), "runs": rows}
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -45,7 +45,7 @@ from somaflow.extract import find_units
 from somaflow.io import schema, stores
 from somaflow.io.ingest import checked, load_movie
 from somaflow.params import RunParams
-from somaflow.preprocess.motion import apply_shifts, compute_template, estimate_shifts
+from somaflow.preprocess.motion import apply_shifts, estimate_shifts, resolve_mode
 from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
 
@@ -110,9 +110,11 @@ def motion_stage(movie_url: str, out_url: str, p: RunParams,
         shifts = xr.Dataset({"shifts": (("frame", "axis"), zeros)})
         schema.write_dataset(_tagged(shifts, stage_hash), motion_url, overwrite=True)
         return movie_url, shifts
-    template = compute_template(movie, mp)
+    mp, template = resolve_mode(movie, mp)
     shifts = estimate_shifts(movie, template, mp).compute()
     shifts["template"] = template.drop_vars(list(template.coords))
+    if "nonrigid_deviation" in template.attrs:  # motion.mode auto: what chose the model
+        shifts.attrs["nonrigid_deviation"] = float(template.attrs["nonrigid_deviation"])
     corrected = apply_shifts(movie, shifts, mp)
     if movie.dtype.kind in "iu":  # keep the input's integer type: half the bytes of float32
         info = np.iinfo(movie.dtype)
@@ -179,6 +181,10 @@ def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Data
     attrs = schema.read_attrs(movie_url)
     extra = {"timings": timings, "method": p.method, "motion_mode": p.preprocess.motion.mode,
              **(extra_attrs or {})}
+    if "motion_params" in motion.attrs:  # the model registration used ("auto" resolved)
+        extra["motion_mode"] = json.loads(motion.attrs["motion_params"]).get("mode", extra["motion_mode"])
+    if "nonrigid_deviation" in motion.attrs:
+        extra["motion_nonrigid_deviation"] = float(motion.attrs["nonrigid_deviation"])
     ds = assemble_result(
         images, units, traces, n_frames=traces.sizes["frame"], params=p.model_dump(),
         source=attrs["source"], source_checksum=attrs["source_checksum"],

@@ -20,6 +20,7 @@ from somaflow.preprocess.motion import (
     correct_motion,
     crop_border,
     estimate_shifts,
+    resolve_mode,
     shifts_at,
 )
 
@@ -230,6 +231,28 @@ def test_piecewise_accuracy_on_simulated_nonrigid_preset():
     assert per_patch < 0.5 * rigid_only
     # the rigid part is the spatial mean of the field, as the simulator's shifts
     assert _rms(ds["shifts"].values, sim.shifts) < 0.2
+
+
+def test_auto_mode_registers_piecewise_only_non_rigid_movies():
+    sim_mod = pytest.importorskip("somaflow.simulate")
+    chosen = {}
+    for preset in ("2p-nonrigid", "2p-small"):
+        sim = sim_mod.simulate(preset, seed=3, n_frames=120)
+        movie = _movie(sim.movie)
+        meta = sim.meta
+        p = MotionParams.for_movie(meta["fps"], "2p", meta["neuron_radius"], movie.shape, mode="auto")
+        with pytest.raises(ParameterError, match="auto"):
+            estimate_shifts(movie, compute_template(movie, p.model_copy(update={"mode": "rigid"})), p)
+        resolved, template = resolve_mode(movie, p)
+        deviation = template.attrs["nonrigid_deviation"]
+        assert template.attrs["motion_mode"] == resolved.mode
+        chosen[preset] = (resolved.mode, deviation)
+        corrected, ds = correct_motion(movie, p)  # the same choice in one call
+        assert ("patch_shifts" in ds) == (resolved.mode == "piecewise")
+        assert corrected.shape == movie.shape
+    # measured on 300-frame tuning seeds: 1.23 px against 0.11 (threshold 0.4)
+    assert chosen["2p-nonrigid"][0] == "piecewise" and chosen["2p-nonrigid"][1] > 0.8
+    assert chosen["2p-small"][0] == "rigid" and chosen["2p-small"][1] < 0.25
 
 
 # ----------------------------------------------------------------------------- dask

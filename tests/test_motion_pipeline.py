@@ -7,7 +7,13 @@ import pytest
 import xarray as xr
 
 from somaflow.io.ingest import load_movie
-from somaflow.preprocess.motion import MotionParams, apply_shifts, compute_template, estimate_shifts
+from somaflow.preprocess.motion import (
+    MotionParams,
+    apply_shifts,
+    compute_template,
+    estimate_shifts,
+    resolve_mode,
+)
 from somaflow.preprocess.pipeline import PreprocessParams, detection_movie, trace_movie
 from somaflow.simulate import simulate
 
@@ -23,8 +29,10 @@ def test_rigid_shifts_recovered(preset, seed):
     m = sim.meta
     movie = xr.DataArray(sim.movie, dims=("frame", "y", "x")).chunk({"frame": 64})
     p = PreprocessParams.for_movie(m["fps"], m["modality"], m["neuron_radius"], tuple(m["shape"])).motion
-    assert p.mode == "rigid"
-    shifts = estimate_shifts(movie, compute_template(movie, p), p)["shifts"].values
+    assert p.mode == ("auto" if m["modality"] == "2p" else "rigid")
+    p, template = resolve_mode(movie, p)
+    assert p.mode == "rigid"  # rigid motion only: the auto mode keeps the rigid model
+    shifts = estimate_shifts(movie, template, p)["shifts"].values
     assert np.abs(sim.shifts).max() > 0.5  # there is motion to find
     # the figure is 0.1 px; the test's bound is looser so it cannot flake
     assert _rms_after_offset(shifts, sim.shifts) < 0.25

@@ -138,10 +138,19 @@ class MotionParams(BaseModel):
 
     Attributes
     ----------
-    mode : {"none", "rigid", "piecewise"}
+    mode : {"none", "rigid", "piecewise", "auto"}
         ``"none"`` skips registration (zero shifts, the movie passes through as
         float32); ``"rigid"`` estimates one shift per frame; ``"piecewise"`` adds
-        per-patch shifts (NoRMCorre-style).
+        per-patch shifts (NoRMCorre-style); ``"auto"`` registers piecewise only
+        when the movie's non-rigid motion (:func:`nonrigid_deviation`) exceeds
+        ``auto_threshold``, rigidly otherwise (:func:`resolve_mode`).
+    auto_threshold : float
+        ``"auto"`` mode: the non-rigid deviation (px) above which the movie is
+        registered piecewise. On the simulator's tuning seeds rigid 2p presets
+        measured 0.11–0.23 px (2p-lowsnr's noisy patches the most), 2p-medium
+        (0.6 px non-rigid field) 0.55 and 2p-nonrigid 1.23.
+    auto_frames : int
+        ``"auto"`` mode: frames, evenly spaced over the movie, that measure it.
     max_shift : float
         Largest rigid shift searched along each axis (px).
     upsample_factor : int
@@ -200,7 +209,9 @@ class MotionParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["none", "rigid", "piecewise"] = Field("rigid", description="registration model")
+    mode: Literal["none", "rigid", "piecewise", "auto"] = Field("rigid", description="registration model")
+    auto_threshold: float = Field(0.4, gt=0, description="auto mode: piecewise above this non-rigid deviation (px)")
+    auto_frames: int = Field(200, ge=10, description="auto mode: frames that measure the non-rigid deviation")
     max_shift: float = Field(10.0, gt=0, description="largest rigid shift per axis (px)")
     upsample_factor: int = Field(10, ge=1, le=1000, description="sub-pixel steps per px")
     template_frames: int = Field(300, ge=1, description="frames that build the template")
@@ -237,7 +248,7 @@ class MotionParams(BaseModel):
                 f"patch_overlap ({self.patch_overlap}) must be smaller than patch_size "
                 f"({self.patch_size}); e.g. patch_overlap = patch_size // 4."
             )
-        if self.mode == "piecewise" and self.patch_size < 4 * self.max_deviation:
+        if self.mode in ("piecewise", "auto") and self.patch_size < 4 * self.max_deviation:
             raise ValueError(
                 f"patch_size ({self.patch_size}) must be at least 4 x max_deviation "
                 f"({self.max_deviation}) so a patch can hold the deviation it searches; "
@@ -447,6 +458,11 @@ def estimate_shifts(movie: xr.DataArray, template: xr.DataArray, p: MotionParams
         ``movie`` or ``template`` has the wrong dims or frame size.
     """
     _validate(movie)
+    if p.mode == "auto":
+        raise ParameterError(
+            "estimate_shifts needs a registration model; resolve motion.mode 'auto' first "
+            "(resolve_mode(movie, p) gives the parameters and the template)."
+        )
     ny, nx = int(movie.sizes["y"]), int(movie.sizes["x"])
     tmpl = _template_array(template, (ny, nx))
     data = _frame_chunked(movie)
@@ -516,7 +532,8 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
         ``patch_shifts`` (frame, patch_y, patch_x, axis) with centre coordinates
         ``patch_y``/``patch_x`` for piecewise mode.
     p : MotionParams
-        Stage parameters; ``p.mode`` picks the model applied (``"none"`` only
+        Stage parameters; ``p.mode`` picks the model applied (``"auto"``: the
+        one ``shifts_ds`` holds; ``"none"`` only
         converts to float32).
 
     Returns
@@ -546,7 +563,8 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
         tchunks = data.chunks[0]
         rigid = _dask_of(shifts_ds["shifts"].transpose("frame", "axis")).rechunk((tchunks, 2))
         rigid = rigid.astype(np.float32)
-        if p.mode == "piecewise":
+        # "auto": the model the shifts were estimated with (resolve_mode)
+        if p.mode == "piecewise" or (p.mode == "auto" and "patch_shifts" in shifts_ds):
             if "patch_shifts" not in shifts_ds:
                 raise ParameterError(
                     "mode='piecewise' needs per-patch shifts but shifts_ds has no 'patch_shifts'; "
@@ -591,6 +609,77 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
     )
 
 
+def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionParams) -> float:
+    """How far a movie's motion is from rigid: RMS deviation of its patches' shifts (px).
+
+    ``p.auto_frames`` frames, evenly spaced over the movie, are registered
+    piecewise against ``template``. Per patch, the shift's deviation from the
+    frame's rigid shift has its median over the frames removed (the template's
+    own geometry), is averaged over 5 consecutive sampled frames (a patch's
+    match is noisy frame by frame, a deformation persists), and the RMS over
+    the patches that found a match (not ``patch_fallback``) is returned; 0
+    when none did.
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x), integer or float, numpy- or dask-backed.
+    template : xarray.DataArray
+        (y, x), e.g. the rigid :func:`compute_template`.
+    p : MotionParams
+        Stage parameters; the patch geometry and ``auto_frames`` are read.
+
+    Returns
+    -------
+    float
+        Deviation in pixels.
+    """
+    n = int(movie.sizes["frame"])
+    idx = np.unique(np.round(np.linspace(0, n - 1, min(p.auto_frames, n))).astype(np.int64))
+    ds = estimate_shifts(movie.isel(frame=idx), template, p.model_copy(update={"mode": "piecewise"})).compute()
+    dev = ds["patch_shifts"].values.astype(np.float64) - ds["shifts"].values[:, None, None, :]
+    ok = ~ds["patch_fallback"].values
+    if not ok.any():
+        return 0.0
+    dev = np.where(ok[..., None], dev, np.nan)
+    dev = np.nan_to_num(dev - np.nanmedian(dev, axis=0, keepdims=True))
+    weight = ndimage.uniform_filter1d(ok.astype(np.float64), 5, axis=0)[..., None]
+    smooth = ndimage.uniform_filter1d(dev, 5, axis=0) / np.maximum(weight, 1e-9)
+    return float(np.sqrt((smooth**2).sum(-1)[ok].mean()))
+
+
+def resolve_mode(movie: xr.DataArray, p: MotionParams) -> tuple[MotionParams, xr.DataArray]:
+    """The registration model a movie gets, and its template.
+
+    For ``p.mode`` other than ``"auto"``: ``p`` and :func:`compute_template`.
+    For ``"auto"``: the rigid template, then :func:`nonrigid_deviation`
+    against it; above ``p.auto_threshold`` the parameters become
+    ``"piecewise"`` and the template is recomputed as piecewise mode builds
+    it, otherwise they become ``"rigid"`` and the template is kept. The
+    template's attrs record ``nonrigid_deviation`` (px) and ``motion_mode``.
+
+    Returns
+    -------
+    params : MotionParams
+        ``p`` with ``mode`` resolved (never ``"auto"``).
+    template : xarray.DataArray
+        (y, x) float32, as :func:`compute_template` returns.
+    """
+    if p.mode != "auto":
+        return p, compute_template(movie, p)
+    rigid = p.model_copy(update={"mode": "rigid"})
+    template = compute_template(movie, rigid)
+    deviation = nonrigid_deviation(movie, template, rigid)
+    chosen = rigid
+    if deviation > p.auto_threshold:
+        chosen = p.model_copy(update={"mode": "piecewise"})
+        template = compute_template(movie, chosen)
+    log.info("motion mode auto: non-rigid deviation %.2f px (threshold %.2f) -> %s",
+             deviation, p.auto_threshold, chosen.mode)
+    template.attrs.update(nonrigid_deviation=deviation, motion_mode=chosen.mode)
+    return chosen, template
+
+
 def correct_motion(movie: xr.DataArray, p: MotionParams) -> tuple[xr.DataArray, xr.Dataset]:
     """Template, shifts and registered movie in one call.
 
@@ -614,7 +703,7 @@ def correct_motion(movie: xr.DataArray, p: MotionParams) -> tuple[xr.DataArray, 
     shifts_ds : xarray.Dataset
         See :func:`estimate_shifts`; the template is added as ``template`` (y, x) float32.
     """
-    template = compute_template(movie, p)
+    p, template = resolve_mode(movie, p)
     shifts_ds = estimate_shifts(movie, template, p)
     corrected = apply_shifts(movie, shifts_ds, p)
     shifts_ds["template"] = template.drop_vars([c for c in template.coords if c not in ("y", "x")])

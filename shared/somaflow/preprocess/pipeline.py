@@ -51,13 +51,15 @@ class PreprocessParams(BaseModel):
     @classmethod
     def for_movie(cls, fps: float, modality: str, neuron_radius: float,
                   shape: tuple[int, ...]) -> PreprocessParams:
-        """Defaults: rigid motion correction (``motion.mode: piecewise`` for
-        non-rigid data — about 3x slower); 2p — binning to 6 Hz for detection;
+        """Defaults: 2p — motion ``mode: auto`` (rigid, or piecewise when the
+        movie's non-rigid deviation exceeds 0.4 px: piecewise costs about 3x
+        the rigid registration) and binning to 6 Hz for detection; 1p — rigid
+        motion correction (a high-passed 1p patch holds little texture);
         1p — high-passed motion matching, morphological background removal and
         Perona–Malik denoising, traces from the background-removed movie."""
         one_p = modality == "1p"
         return cls(
-            motion=MotionParams.for_movie(fps, modality, neuron_radius, shape, mode="rigid"),
+            motion=MotionParams.for_movie(fps, modality, neuron_radius, shape, mode="rigid" if one_p else "auto"),
             binning=BinParams.for_movie(fps, modality, neuron_radius),
             background="morphological" if one_p else "none",
             homomorphic=HomomorphicParams.for_movie(fps, modality, neuron_radius),
