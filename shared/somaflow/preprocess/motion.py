@@ -146,9 +146,10 @@ class MotionParams(BaseModel):
         ``auto_threshold``, rigidly otherwise (:func:`resolve_mode`).
     auto_threshold : float
         ``"auto"`` mode: the non-rigid deviation (px) above which the movie is
-        registered piecewise. On the simulator's tuning seeds rigid 2p presets
-        measured 0.11–0.23 px (2p-lowsnr's noisy patches the most), 2p-medium
-        (0.6 px non-rigid field) 0.55 and 2p-nonrigid 1.23.
+        registered piecewise. On the simulator's tuning seeds 1100–1101 the
+        rigid 2p presets measured 0.08–0.21 px (2p-lowsnr's noisy patches the
+        most), 2p-medium (0.6 px non-rigid field) 0.54–0.55 and 2p-nonrigid
+        1.16–1.21; Neurofinder 00 (real, little motion) 0.29.
     auto_frames : int
         ``"auto"`` mode: frames, evenly spaced over the movie, that measure it.
     max_shift : float
@@ -613,7 +614,8 @@ def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionPar
     """How far a movie's motion is from rigid: RMS deviation of its patches' shifts (px).
 
     ``p.auto_frames`` frames, evenly spaced over the movie, are registered
-    piecewise against ``template``. Per patch, the shift's deviation from the
+    piecewise against ``template`` (patch matches, without the whole-field
+    refinement). Per patch, the shift's deviation from the
     frame's rigid shift has its median over the frames removed (the template's
     own geometry), is averaged over 5 consecutive sampled frames (a patch's
     match is noisy frame by frame, a deformation persists), and the RMS over
@@ -636,7 +638,10 @@ def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionPar
     """
     n = int(movie.sizes["frame"])
     idx = np.unique(np.round(np.linspace(0, n - 1, min(p.auto_frames, n))).astype(np.int64))
-    ds = estimate_shifts(movie.isel(frame=idx), template, p.model_copy(update={"mode": "piecewise"})).compute()
+    # the patch matches alone: the whole-field refinement costs as much again and barely moves them
+    # (0.84 against 0.86 px on a 512x512 2p-large movie, in 14 s instead of 23 s on 2 cores)
+    check = p.model_copy(update={"mode": "piecewise", "refine_iterations": 0})
+    ds = estimate_shifts(movie.isel(frame=idx), template, check).compute()
     dev = ds["patch_shifts"].values.astype(np.float64) - ds["shifts"].values[:, None, None, :]
     ok = ~ds["patch_fallback"].values
     if not ok.any():
