@@ -173,18 +173,27 @@ def classify_stage(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset, p:
     return verdict
 
 
+def motion_model(motion: xr.Dataset, p: RunParams) -> dict[str, Any]:
+    """The registration model ``motion.zarr`` was made with (``motion.mode: auto`` resolved):
+    ``{"mode": ..., "nonrigid_deviation": px}`` (the deviation only where ``auto`` measured it)."""
+    out: dict[str, Any] = {"mode": p.preprocess.motion.mode}
+    if "motion_params" in motion.attrs:
+        out["mode"] = json.loads(motion.attrs["motion_params"]).get("mode", out["mode"])
+    if "nonrigid_deviation" in motion.attrs:
+        out["nonrigid_deviation"] = round(float(motion.attrs["nonrigid_deviation"]), 3)
+    return out
+
+
 @task(name="write-result")
 def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Dataset,
                 traces: xr.Dataset, motion: xr.Dataset, p: RunParams, timings: dict[str, float],
                 overwrite: bool, extra_attrs: dict[str, Any] | None = None) -> str:
     """Assemble and write the result zarr atomically; ``complete`` last."""
     attrs = schema.read_attrs(movie_url)
-    extra = {"timings": timings, "method": p.method, "motion_mode": p.preprocess.motion.mode,
-             **(extra_attrs or {})}
-    if "motion_params" in motion.attrs:  # the model registration used ("auto" resolved)
-        extra["motion_mode"] = json.loads(motion.attrs["motion_params"]).get("mode", extra["motion_mode"])
-    if "nonrigid_deviation" in motion.attrs:
-        extra["motion_nonrigid_deviation"] = float(motion.attrs["nonrigid_deviation"])
+    used = motion_model(motion, p)
+    extra = {"timings": timings, "method": p.method, "motion_mode": used["mode"], **(extra_attrs or {})}
+    if "nonrigid_deviation" in used:
+        extra["motion_nonrigid_deviation"] = used["nonrigid_deviation"]
     ds = assemble_result(
         images, units, traces, n_frames=traces.sizes["frame"], params=p.model_dump(),
         source=attrs["source"], source_checksum=attrs["source_checksum"],
@@ -241,7 +250,8 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     dict
         ``result``, ``status`` (``"done"`` — computed now, ``"skipped"`` — the
         result was already complete for the same inputs and parameters),
-        ``n_units``, ``n_accepted``, ``n_frames``, ``timings`` and ``stages``
+        ``n_units``, ``n_accepted``, ``n_frames``, ``motion`` (the registration
+        model used, :func:`motion_model`; computed runs only), ``timings`` and ``stages``
         (stage -> ``"ran"``/``"skipped"``), ``flow_run_id``.
 
     Raises
@@ -331,6 +341,7 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         "n_units": int(units.sizes["unit"]),
         "n_accepted": int(units["accepted"].sum()) if "accepted" in units else int(units.sizes["unit"]),
         "n_frames": int(traces.sizes["frame"]),
+        "motion": motion_model(motion, params),
         "timings": stages.timings(),
         "stages": stages.statuses(),
         "flow_run_id": str(run_id) if run_id else None,

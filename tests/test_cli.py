@@ -54,6 +54,7 @@ def test_run_and_evaluate_local(sim_dir, tmp_path, prefect_api):
                    "--params", str(params), env=prefect_api)
     summary = json.loads(proc.stdout)
     assert summary["result"] == str(out)
+    assert summary["motion"] == {"mode": "rigid"}  # forced: no auto measurement
     ds = schema.open_result(str(out))
     schema.validate_result(ds)
     assert ds.attrs["complete"] is True
@@ -89,10 +90,14 @@ def test_run_on_s3(sim_dir, s3_bucket, s3_server, prefect_api):
     run_cli("ingest", f"{s3_bucket}/raw/movie.tif", "--out", movie_url, "--fps", str(meta["fps"]), env=env)
     assert schema.is_complete(movie_url)
     out = f"{s3_bucket}/results/r.zarr"
-    run_cli("run", movie_url, "--out", out, "--neuron-radius", str(meta["neuron_radius"]),
-            "--workers", "2", env=env)
+    proc = run_cli("run", movie_url, "--out", out, "--neuron-radius", str(meta["neuron_radius"]),
+                   "--workers", "2", env=env)
     fs.invalidate_cache()
     assert schema.is_complete(out)
+    # the 2p default, motion.mode auto, measured the (rigid) motion and kept the rigid model
+    assert "motion correction: rigid (non-rigid deviation" in proc.stdout, proc.stdout
+    attrs = schema.open_result(out).attrs
+    assert attrs["motion_mode"] == "rigid" and attrs["motion_nonrigid_deviation"] < 0.4
     gt_url = f"{s3_bucket}/gt.zarr"
     fs.put(str(sim_dir / "ground_truth.zarr"), gt_url, recursive=True)
     m = json.loads(run_cli("evaluate", out, gt_url, "--json", env=env).stdout)

@@ -121,6 +121,10 @@ def _format_run(d: dict[str, Any]) -> str:
                        for k, v in d["timings"].items())
     head = f"result: {d['result']}" + (" (already done: skipped)" if d.get("status") == "skipped" else "")
     lines = [head, f"units: {d['n_units']} ({d['n_accepted']} accepted) over {d['n_frames']} frames"]
+    if d.get("motion"):
+        m = d["motion"]
+        dev = f" (non-rigid deviation {m['nonrigid_deviation']:.2f} px)" if "nonrigid_deviation" in m else ""
+        lines.append(f"motion correction: {m['mode']}{dev}")
     if d.get("status") != "skipped":
         lines.append(f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
     lines += [f"warning: out of distribution: {w}" for w in d.get("ood_warnings") or []]
