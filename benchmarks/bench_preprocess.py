@@ -42,6 +42,7 @@ def main() -> None:
 
     from somaflow.io import schema
     from somaflow.params import RunParams
+    from somaflow.preprocess.motion import registration_model
     from somaflow.simulate import as_dask_array, simulate
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="somaflow-bench-")
@@ -75,8 +76,8 @@ def main() -> None:
             t2 = time.perf_counter()
         results.update({
             # the model registration used (motion.mode auto resolved) and what chose it
-            "motion_mode": json.loads(motion.attrs.get("motion_params", "{}")).get("mode", p.preprocess.motion.mode),
-            "nonrigid_deviation": motion.attrs.get("nonrigid_deviation"),
+            "motion_mode": registration_model(motion, p.preprocess.motion.mode)["mode"],
+            "nonrigid_deviation": registration_model(motion, p.preprocess.motion.mode).get("nonrigid_deviation"),
             "motion_s": round(t1 - t0, 1), "motion_fps": round(T / (t1 - t0), 1),
             "summary_s": round(t2 - t1, 1), "summary_fps": round(T / (t2 - t1), 1),
             "preprocess_fps": round(T / (t2 - t0), 1),

@@ -45,7 +45,12 @@ from somaflow.extract import find_units
 from somaflow.io import schema, stores
 from somaflow.io.ingest import checked, load_movie
 from somaflow.params import RunParams
-from somaflow.preprocess.motion import apply_shifts, estimate_shifts, resolve_mode
+from somaflow.preprocess.motion import (
+    apply_shifts,
+    estimate_shifts,
+    registration_model,
+    resolve_mode,
+)
 from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
 
@@ -173,24 +178,13 @@ def classify_stage(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset, p:
     return verdict
 
 
-def motion_model(motion: xr.Dataset, p: RunParams) -> dict[str, Any]:
-    """The registration model ``motion.zarr`` was made with (``motion.mode: auto`` resolved):
-    ``{"mode": ..., "nonrigid_deviation": px}`` (the deviation only where ``auto`` measured it)."""
-    out: dict[str, Any] = {"mode": p.preprocess.motion.mode}
-    if "motion_params" in motion.attrs:
-        out["mode"] = json.loads(motion.attrs["motion_params"]).get("mode", out["mode"])
-    if "nonrigid_deviation" in motion.attrs:
-        out["nonrigid_deviation"] = round(float(motion.attrs["nonrigid_deviation"]), 3)
-    return out
-
-
 @task(name="write-result")
 def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Dataset,
                 traces: xr.Dataset, motion: xr.Dataset, p: RunParams, timings: dict[str, float],
                 overwrite: bool, extra_attrs: dict[str, Any] | None = None) -> str:
     """Assemble and write the result zarr atomically; ``complete`` last."""
     attrs = schema.read_attrs(movie_url)
-    used = motion_model(motion, p)
+    used = registration_model(motion, p.preprocess.motion.mode)
     extra = {"timings": timings, "method": p.method, "motion_mode": used["mode"], **(extra_attrs or {})}
     if "nonrigid_deviation" in used:
         extra["motion_nonrigid_deviation"] = used["nonrigid_deviation"]
@@ -251,7 +245,8 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         ``result``, ``status`` (``"done"`` — computed now, ``"skipped"`` — the
         result was already complete for the same inputs and parameters),
         ``n_units``, ``n_accepted``, ``n_frames``, ``motion`` (the registration
-        model used, :func:`motion_model`; computed runs only), ``timings`` and ``stages``
+        model used, :func:`~somaflow.preprocess.motion.registration_model`;
+        computed runs only), ``timings`` and ``stages``
         (stage -> ``"ran"``/``"skipped"``), ``flow_run_id``.
 
     Raises
@@ -341,7 +336,7 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         "n_units": int(units.sizes["unit"]),
         "n_accepted": int(units["accepted"].sum()) if "accepted" in units else int(units.sizes["unit"]),
         "n_frames": int(traces.sizes["frame"]),
-        "motion": motion_model(motion, params),
+        "motion": registration_model(motion, params.preprocess.motion.mode),
         "timings": stages.timings(),
         "stages": stages.statuses(),
         "flow_run_id": str(run_id) if run_id else None,

@@ -86,10 +86,11 @@ and applied to the full movie.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -683,6 +684,30 @@ def resolve_mode(movie: xr.DataArray, p: MotionParams) -> tuple[MotionParams, xr
              deviation, p.auto_threshold, chosen.mode)
     template.attrs.update(nonrigid_deviation=deviation, motion_mode=chosen.mode)
     return chosen, template
+
+
+def registration_model(shifts_ds: xr.Dataset, default: str) -> dict[str, Any]:
+    """The model a shifts dataset was estimated with (``"auto"`` resolved).
+
+    Parameters
+    ----------
+    shifts_ds : xarray.Dataset
+        :func:`estimate_shifts`' output (its ``motion_params`` attr), as stored.
+    default : str
+        The mode to report when the dataset does not record one (``"none"``).
+
+    Returns
+    -------
+    dict
+        ``{"mode": ...}``, plus ``"nonrigid_deviation"`` (px, 3 decimals) where
+        ``auto`` measured it (a ``nonrigid_deviation`` attr).
+    """
+    out: dict[str, Any] = {"mode": default}
+    if "motion_params" in shifts_ds.attrs:
+        out["mode"] = json.loads(shifts_ds.attrs["motion_params"]).get("mode", default)
+    if "nonrigid_deviation" in shifts_ds.attrs:
+        out["nonrigid_deviation"] = round(float(shifts_ds.attrs["nonrigid_deviation"]), 3)
+    return out
 
 
 def correct_motion(movie: xr.DataArray, p: MotionParams) -> tuple[xr.DataArray, xr.Dataset]:

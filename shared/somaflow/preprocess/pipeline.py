@@ -52,8 +52,8 @@ class PreprocessParams(BaseModel):
     def for_movie(cls, fps: float, modality: str, neuron_radius: float,
                   shape: tuple[int, ...]) -> PreprocessParams:
         """Defaults: 2p — motion ``mode: auto`` (rigid, or piecewise when the
-        movie's non-rigid deviation exceeds 0.4 px: piecewise costs about 3x
-        the rigid registration) and binning to 6 Hz for detection; 1p — rigid
+        movie's non-rigid deviation exceeds 0.4 px: piecewise took ~4x the
+        rigid motion stage at 512x512) and binning to 6 Hz for detection; 1p — rigid
         motion correction (a high-passed 1p patch holds little texture);
         1p — high-passed motion matching, morphological background removal and
         Perona–Malik denoising, traces from the background-removed movie."""
