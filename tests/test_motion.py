@@ -20,6 +20,7 @@ from somaflow.preprocess.motion import (
     correct_motion,
     crop_border,
     estimate_shifts,
+    nonrigid_deviation,
     resolve_mode,
     shifts_at,
 )
@@ -250,9 +251,38 @@ def test_auto_mode_registers_piecewise_only_non_rigid_movies():
         corrected, ds = correct_motion(movie, p)  # the same choice in one call
         assert ("patch_shifts" in ds) == (resolved.mode == "piecewise")
         assert corrected.shape == movie.shape
-    # measured on 300-frame tuning seeds: 1.16-1.21 px against 0.08-0.09 (threshold 0.4)
+    # measured on 300-frame tuning seeds: 1.14-1.22 px against 0-0.04 (threshold 0.4)
     assert chosen["2p-nonrigid"][0] == "piecewise" and chosen["2p-nonrigid"][1] > 0.8
     assert chosen["2p-small"][0] == "rigid" and chosen["2p-small"][1] < 0.25
+
+
+def test_auto_mode_keeps_a_structureless_movie_rigid():
+    # pure noise: every patch match is an error of several px, none persists from frame to frame
+    # (the deviation measured 0.12 px on a 300-frame 128x128 movie; 0.50 before it was read
+    # two standard errors low, and 0.6-0.9 px with the earlier RMS of smoothed deviations)
+    rng = np.random.default_rng(5)
+    movie = _movie(rng.normal(100.0, 10.0, (200, 96, 96)).astype(np.float32))
+    p = MotionParams.for_movie(10.0, "2p", 5.0, movie.shape, mode="auto")
+    resolved, template = resolve_mode(movie, p)
+    assert resolved.mode == "rigid"
+    assert template.attrs["nonrigid_deviation"] < p.auto_threshold
+
+
+def test_nonrigid_deviation_reads_a_persistent_field_and_not_matching_noise():
+    # one quadrant of textured frames displaced by +2 px along x for the first half of the movie
+    # and -2 px for the second: a persistent deformation; the same frames undeformed read ~0
+    tmpl = _texture((96, 96), seed=21)
+    p = MotionParams(mode="rigid", patch_size=32, patch_overlap=16, max_shift=5, template_frames=60,
+                     auto_frames=100)
+    rng = np.random.default_rng(3)
+    still = np.stack([tmpl] * 120).astype(np.float32)
+    warped = still.copy()
+    for t in range(120):
+        warped[t, :48, :48] = np.roll(tmpl, 2 if t < 60 else -2, axis=1)[:48, :48]
+    noise = rng.normal(0, 0.05 * float(tmpl.std()), still.shape).astype(np.float32)
+    template = xr.DataArray(tmpl.astype(np.float32), dims=("y", "x"))
+    assert nonrigid_deviation(_movie(still + noise), template, p) < 0.1
+    assert nonrigid_deviation(_movie(warped + noise), template, p) > 0.5
 
 
 # ----------------------------------------------------------------------------- dask

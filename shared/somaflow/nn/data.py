@@ -1838,6 +1838,7 @@ def simulated_candidate_set(
     method: str = "cnmf",
     n_frames: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
     iou: float = 0.5,
     trace_length: int = 512,
     window: int = 100,
@@ -1862,6 +1863,9 @@ def simulated_candidate_set(
         Override the presets' frame count.
     overrides : mapping, optional
         More simulator overrides.
+    params : mapping, optional
+        Run-parameter overrides (as ``somaflow run --params``) on top of the
+        ``RunParams.for_movie`` defaults, e.g. ``{"cnmf": {"add_silent": False}}``.
     iou : float
         Matching threshold of a positive label.
     trace_length, window : int
@@ -1883,7 +1887,8 @@ def simulated_candidate_set(
             fps, modality, r = sim.meta["fps"], sim.meta["modality"], sim.meta["neuron_radius"]
             movie = _sim_movie(sim).astype(np.float32)
             movie = movie.chunk({"frame": min(100, movie.sizes["frame"])})
-            p = RunParams.for_movie(fps, modality, r, {"method": method}, shape=tuple(movie.shape))
+            p = RunParams.for_movie(fps, modality, r, {**(params or {}), "method": method},
+                                   shape=tuple(movie.shape))
             with dask.config.set(scheduler="threads"):
                 images = detection_summary_images(movie, fps, modality, r)
                 units, traces = find_units(movie, images, p)

@@ -89,6 +89,7 @@ import functools
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,6 +117,12 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 #: float32 working memory per inner batch of frames inside a block (bytes)
 _BATCH_BYTES = 48 * 2**20
+
+#: ``"auto"`` mode: consecutive frames per sampled run of :func:`nonrigid_deviation`
+AUTO_RUN_FRAMES = 5
+
+#: ``"auto"`` mode: standard errors below its estimate at which the deviation's covariance is read
+AUTO_CONFIDENCE = 2.0
 
 #: match-and-warp rounds of the piecewise estimate (see _patch_deviations)
 _PATCH_ROUNDS = 3
@@ -148,11 +155,13 @@ class MotionParams(BaseModel):
     auto_threshold : float
         ``"auto"`` mode: the non-rigid deviation (px) above which the movie is
         registered piecewise. On the simulator's tuning seeds 1100–1101 the
-        rigid 2p presets measured 0.08–0.21 px (2p-lowsnr's noisy patches the
-        most), 2p-medium (0.6 px non-rigid field) 0.54–0.55 and 2p-nonrigid
-        1.16–1.21; Neurofinder 00 (real, little motion) 0.29.
+        rigid 2p presets (2p-small, 2p-lowsnr) measured 0–0.04 px, 2p-medium
+        (0.6 px non-rigid field) 0.63 and 2p-nonrigid 1.14–1.22 (1.24 at 3000
+        frames); Neurofinder 00 (real, little motion) 0.18; a movie of pure
+        Gaussian noise 0.12.
     auto_frames : int
-        ``"auto"`` mode: frames, evenly spaced over the movie, that measure it.
+        ``"auto"`` mode: frames that measure it, in runs of
+        ``AUTO_RUN_FRAMES`` consecutive frames evenly spaced over the movie.
     max_shift : float
         Largest rigid shift searched along each axis (px).
     upsample_factor : int
@@ -612,16 +621,27 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
 
 
 def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionParams) -> float:
-    """How far a movie's motion is from rigid: RMS deviation of its patches' shifts (px).
+    """How far a movie's motion is from rigid: RMS of its persistent patch deviations (px).
 
-    ``p.auto_frames`` frames, evenly spaced over the movie, are registered
-    piecewise against ``template`` (patch matches, without the whole-field
-    refinement). Per patch, the shift's deviation from the
-    frame's rigid shift has its median over the frames removed (the template's
-    own geometry), is averaged over 5 consecutive sampled frames (a patch's
-    match is noisy frame by frame, a deformation persists), and the RMS over
-    the patches that found a match (not ``patch_fallback``) is returned; 0
-    when none did.
+    ``p.auto_frames`` frames, in runs of ``AUTO_RUN_FRAMES`` consecutive frames
+    evenly spaced over the movie, are registered piecewise against
+    ``template`` (patch matches, without the whole-field refinement). Each
+    patch's shift has the frame's mean over its patches removed (a common
+    shift is rigid motion, or the rigid match's own error), then its median
+    over the sampled frames (the template's own geometry). The
+    measure is the square root of the deviations' lag-one autocovariance:
+    the mean over consecutive frame pairs of a run, and over patches that
+    found a match in both (not ``patch_fallback``), of the dot product of
+    the two frames' deviations. A deformation persists from one frame to the
+    next and enters at its full RMS; a patch's matching error is independent
+    from frame to frame and averages out, so a motionless movie, a rigid one
+    or one without structure (pure noise) measures near 0 whatever its
+    noise. The covariance is read ``AUTO_CONFIDENCE`` standard errors below
+    its estimate (the runs' means are its independent samples), so a movie
+    whose matches are mostly error (pure noise: several px each) does not
+    measure a deformation by chance. A deformation that changes completely
+    between consecutive frames is not seen (and piecewise registration could
+    not follow it either). 0 when no pair of matches exists.
 
     Parameters
     ----------
@@ -638,7 +658,10 @@ def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionPar
         Deviation in pixels.
     """
     n = int(movie.sizes["frame"])
-    idx = np.unique(np.round(np.linspace(0, n - 1, min(p.auto_frames, n))).astype(np.int64))
+    run = min(AUTO_RUN_FRAMES, n)
+    n_runs = max(1, min(p.auto_frames, n) // run)
+    starts = np.unique(np.round(np.linspace(0, n - run, n_runs)).astype(np.int64))
+    idx = (starts[:, None] + np.arange(run)[None, :]).ravel()
     # the patch matches alone: the whole-field refinement costs as much again and barely moves them
     # (0.84 against 0.86 px on a 512x512 2p-large movie, in 14 s instead of 23 s on 2 cores)
     check = p.model_copy(update={"mode": "piecewise", "refine_iterations": 0})
@@ -648,10 +671,24 @@ def nonrigid_deviation(movie: xr.DataArray, template: xr.DataArray, p: MotionPar
     if not ok.any():
         return 0.0
     dev = np.where(ok[..., None], dev, np.nan)
-    dev = np.nan_to_num(dev - np.nanmedian(dev, axis=0, keepdims=True))
-    weight = ndimage.uniform_filter1d(ok.astype(np.float64), 5, axis=0)[..., None]
-    smooth = ndimage.uniform_filter1d(dev, 5, axis=0) / np.maximum(weight, 1e-9)
-    return float(np.sqrt((smooth**2).sum(-1)[ok].mean()))
+    with warnings.catch_warnings():  # a frame or patch without matches stays NaN and is left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # the frame's common part is a rigid shift (or the rigid match's own error), not a deformation
+        dev = dev - np.nanmean(dev, axis=(1, 2), keepdims=True)
+        dev = dev - np.nanmedian(dev, axis=0, keepdims=True)
+    dev = dev.reshape(len(starts), run, *dev.shape[1:])
+    ok = ok.reshape(len(starts), run, *ok.shape[1:])
+    pair = ok[:, :-1] & ok[:, 1:]
+    if not pair.any():
+        return 0.0
+    prod = np.where(pair, (dev[:, :-1] * dev[:, 1:]).sum(-1), 0.0)
+    per_run = pair.reshape(len(pair), -1).sum(1)
+    runs = per_run > 0
+    cov = float(prod.sum() / per_run.sum())
+    # runs lie far apart: their means are independent samples of the covariance
+    run_cov = prod.reshape(len(prod), -1).sum(1)[runs] / per_run[runs]
+    se = float(run_cov.std(ddof=1) / math.sqrt(runs.sum())) if runs.sum() > 1 else 0.0
+    return float(np.sqrt(max(cov - AUTO_CONFIDENCE * se, 0.0)))
 
 
 def resolve_mode(movie: xr.DataArray, p: MotionParams) -> tuple[MotionParams, xr.DataArray]:
