@@ -150,6 +150,20 @@ def test_cnmf_morphology_falls_back_outside_the_unet_training_range(movie):
     notes = json.loads(units.attrs["ood_warnings"])
     assert notes and all(n.startswith("cnmf.morphology auto: used local-maxima") for n in notes)
     assert any("frame rate" in n for n in notes)
+    # the fallback's morphology units are kept, not accepted, unless asked for
+    morph = units["kind"].values == "morphology"
+    assert morph.any() and not units["accepted"].values[morph].any()
+    assert any("not accepted" in n for n in notes)
+    p2 = RunParams.for_movie(2.0, "2p", 5.0, {"method": "cnmf", "cnmf": {"accept_fallback_morphology": True}},
+                             shape=movie.shape)
+    with dask.config.set(scheduler="threads"):
+        units2, _ = find_units(mv, images, p2)
+    morph2 = units2["kind"].values == "morphology"
+    assert units2["accepted"].values[morph2].any()
+    assert not any("not accepted" in n for n in json.loads(units2.attrs["ood_warnings"]))
+    # CNMF's own units are judged alike either way
+    cnmf1, cnmf2 = ~morph, ~morph2
+    assert units["accepted"].values[cnmf1].sum() == units2["accepted"].values[cnmf2].sum()
 
 
 def test_fit_images_tiles_equal_one_tile(monkeypatch):
