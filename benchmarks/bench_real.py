@@ -59,7 +59,7 @@ def neurofinder_breakdown(result: str, truth: str, radius: float) -> None:
     import xarray as xr
 
     from somaflow.evaluate import evaluate
-    from somaflow.evaluate.groundtruth import load_truth
+    from somaflow.evaluate.groundtruth import Truth, load_truth
     from somaflow.extract.cnmf import mask_contrast
     from somaflow.io import schema
 
@@ -71,9 +71,16 @@ def neurofinder_breakdown(result: str, truth: str, radius: float) -> None:
     accepted = np.asarray(res["accepted"].values, bool)
     ev = evaluate(result, truth, include_matches=True)
     matched_units = {m[0] for m in ev["matches"]}
+    all_masks = None
     for k in np.unique(kind):
         ids = np.flatnonzero(accepted & (kind == k))
         print(f"  accepted {k} units: {len(ids)}, matching a human ROI: {sum(int(i) in matched_units for i in ids)}")
+        left = np.flatnonzero(~accepted & (kind == k))
+        if len(left):
+            # what the units left out would score on their own (the fallback's morphology units, say)
+            all_masks = np.asarray(res["masks"].values, bool) if all_masks is None else all_masks
+            alone = evaluate(Truth(masks=all_masks[left], ids=left), truth)
+            print(f"  not accepted {k} units: {len(left)}, matching a human ROI on their own: {alone['n_matched']}")
     t = load_truth(truth, shape=tuple(res["mean_image"].shape))
     found = np.isin(np.asarray(t.ids), [m[1] for m in ev["matches"]])
     masks = np.asarray(t.masks, bool)

@@ -194,6 +194,32 @@ def test_mask_contrast_separates_somata_from_flat_background():
     assert con[0] > 5 and abs(con[1]) < 1 and np.isnan(con[2])
 
 
+def test_contrast_exempt_accepts_soma_sized_active_units_that_share_little():
+    yy, xx = np.mgrid[:80, :80]
+
+    def disk(cy, cx, r):
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+    masks = np.stack([
+        disk(20, 20, 5.5),  # soma-sized, active, darker than its surround: accepted
+        disk(20, 60, 3.0),  # active but small: not
+        disk(60, 20, 5.5),  # soma-sized, not active (fails SNR, say): not
+        disk(60, 55, 5.5),  # an accepted unit
+        disk(60, 59, 5.5),  # soma-sized, active, but half on the accepted one: not
+    ])
+    accepted = np.array([False, False, False, True, False])
+    active = np.array([True, True, False, True, True])
+    width = C.mask_width(masks)
+    cp = C.CnmfParams(neuron_radius=5.0, contrast_exempt_size=1.0)
+    assert C._contrast_exempt(masks, accepted, active, width, cp).tolist() == [True, False, False, False, False]
+    # a larger factor asks for more than a 5.5-px disk
+    cp2 = cp.model_copy(update={"contrast_exempt_size": 1.3})
+    assert not C._contrast_exempt(masks, accepted, active, width, cp2).any()
+    # 2p movies get it, 1p ones do not
+    assert C.CnmfParams.for_movie(10.0, "2p", 5.0).contrast_exempt_size == 1.0
+    assert C.CnmfParams.for_movie(10.0, "1p", 6.0).contrast_exempt_size is None
+
+
 def test_mask_width_is_a_soma_diameter_and_small_for_slivers():
     yy, xx = np.mgrid[:60, :60]
     disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 36  # r = 6 px
