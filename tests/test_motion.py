@@ -258,8 +258,8 @@ def test_auto_mode_registers_piecewise_only_non_rigid_movies():
 
 def test_auto_mode_keeps_a_structureless_movie_rigid():
     # pure noise: every patch match is an error of several px, none persists from frame to frame
-    # (the deviation measured 0.12 px on a 300-frame 128x128 movie; 0.50 before it was read
-    # two standard errors low, and 0.6-0.9 px with the earlier RMS of smoothed deviations)
+    # (this movie measures 0.0 px, a 300-frame 128x128 one 0.12; the earlier RMS of smoothed
+    # deviations read 0.83 and 1.09 px on them, and the covariance alone 0.50 on the second)
     rng = np.random.default_rng(5)
     movie = _movie(rng.normal(100.0, 10.0, (200, 96, 96)).astype(np.float32))
     p = MotionParams.for_movie(10.0, "2p", 5.0, movie.shape, mode="auto")
