@@ -161,8 +161,8 @@ class CnmfParams(BaseModel):
         None, gt=0, description="a CNMF unit whose mask is at least this many times the nominal soma disk in "
         "area (pi r^2) and width (2 r) is accepted without min_contrast, on its activity (SNR, spatial "
         "correlation) and width, where it shares < morph_covered_iou of either mask with an accepted unit: real "
-        "somata can be darker than their surround (the 151 Neurofinder 00 ROIs CNMF missed had a median "
-        "contrast of -0.35). None: off; for_movie sets 1.0 for 2p (Neurofinder IoU F1 0.266 -> 0.324; tuning "
+        "somata can be darker than their surround (on Neurofinder 00, 34 human ROIs were matched only by "
+        "CNMF units rejected for contrast alone, median -0.14). None: off; for_movie sets 1.0 for 2p (Neurofinder IoU F1 0.266 -> 0.324; tuning "
         "seeds: 2p-small 0.981 -> 0.977, 2p-lowsnr 0.972 -> 0.967, 2p-dense 0.880 -> 0.883) and leaves 1p off "
         "(no labelled 1p movie to measure it on)")
     add_silent: bool = Field(True, description="add morphology-detector units no CNMF unit covers")
@@ -976,13 +976,20 @@ def _contrast_exempt(masks: np.ndarray, accepted: np.ndarray, active: np.ndarray
     if not cand.any():
         return out
     flat = sp.csr_matrix(masks.reshape(n, -1), dtype=np.float32)
-    c, a = np.flatnonzero(cand), np.flatnonzero(accepted)
-    if len(a):
-        inter = (flat[c] @ flat[a].T).toarray()
-        share = np.maximum(inter / np.maximum(area[c], 1)[:, None], inter / np.maximum(area[a], 1)[None, :])
-        c = c[(share < cp.morph_covered_iou).all(axis=1)]
-    out[c] = True
+    c = np.flatnonzero(cand)
+    frac_c, frac_a = _overlap_fractions(flat[c], flat[np.flatnonzero(accepted)])
+    out[c[(np.maximum(frac_c, frac_a) < cp.morph_covered_iou).all(axis=1)]] = True
     return out
+
+
+def _overlap_fractions(a: sp.csr_matrix, b: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels shared by every pair of mask rows of ``a`` and ``b``, as fractions of each.
+
+    Returns two (rows of a, rows of b) arrays: shared / area of the ``a`` row,
+    and shared / area of the ``b`` row (an empty row shares nothing)."""
+    inter = (a @ b.T).toarray() if a.shape[0] and b.shape[0] else np.zeros((a.shape[0], b.shape[0]))
+    return (inter / np.maximum(np.asarray(a.sum(axis=1)), 1),
+            inter / np.maximum(np.asarray(b.sum(axis=1)).ravel()[None, :], 1))
 
 
 def full_rate_traces(movie: xr.DataArray, units: sp.csr_matrix, background: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -1194,11 +1201,9 @@ def cnmf_units(
         mine = sp.diags((contrast >= cp.min_contrast).astype(np.float32)) @ sp.csr_matrix(
             masks.reshape(len(masks), -1), dtype=np.float32)
         cand = sp.csr_matrix(lm_masks.reshape(len(lm_masks), -1), dtype=np.float32)
-        inter = (cand @ mine.T).toarray() if mine.shape[0] else np.zeros((len(lm_masks), 0))
-        if priority == "morphology" and inter.size:
+        frac_m, frac_c = _overlap_fractions(cand, mine)
+        if priority == "morphology" and frac_m.size:
             # a CNMF unit overlapping a morphology unit is that cell: keep the morphology mask
-            frac_c = inter / np.maximum(np.asarray(mine.sum(axis=1)).ravel()[None, :], 1)
-            frac_m = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
             same = (np.maximum(frac_c, frac_m) >= 0.3).any(axis=0)
             same &= origin < 0
             A, masks, rval, contrast, width = (A[np.flatnonzero(~same)], masks[~same], rval[~same], contrast[~same],
@@ -1207,8 +1212,7 @@ def cnmf_units(
             kind = ["morphology" if o >= 0 else "cnmf" for o in origin]
             new = ~seeded
         else:
-            frac = inter / np.maximum(np.asarray(cand.sum(axis=1)), 1)
-            new = frac.max(axis=1) < 0.3 if inter.shape[1] else np.ones(len(lm_masks), bool)
+            new = frac_m.max(axis=1) < 0.3 if frac_m.shape[1] else np.ones(len(lm_masks), bool)
             new &= ~seeded
         if new.any():
             add_masks = lm_masks[new]
