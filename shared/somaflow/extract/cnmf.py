@@ -1235,9 +1235,10 @@ def cnmf_units(
     s_snr = snr / (snr + cp.min_snr)
     s_r = np.clip(np.nan_to_num(rval, nan=0.0), 0, 1)
     score = np.where(is_cnmf, 0.5 * s_snr + 0.5 * s_r, 0.0)
-    accepted = (is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
-                & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast)
-                & (width >= cp.min_width_radii * cp.neuron_radius))
+    # every CNMF criterion but the anatomical contrast (see contrast_exempt_size)
+    active = (is_cnmf & (snr >= cp.min_snr) & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
+              & (width >= cp.min_width_radii * cp.neuron_radius))
+    accepted = active & (np.nan_to_num(contrast, nan=-np.inf) >= cp.min_contrast)
     if extra_score:
         score[~is_cnmf] = extra_score
         m_area = masks[~is_cnmf].sum(axis=(1, 2))
@@ -1247,9 +1248,7 @@ def cnmf_units(
         notes.append(f"cnmf.morphology auto: used local-maxima, whose {int((~is_cnmf).sum())} morphology units "
                      "are kept but not accepted (cnmf.accept_fallback_morphology)")
     if cp.contrast_exempt_size is not None:
-        accepted |= _contrast_exempt(masks, accepted, is_cnmf & (snr >= cp.min_snr)
-                                     & (np.nan_to_num(rval, nan=-1) >= cp.min_spatial_correlation)
-                                     & (width >= cp.min_width_radii * cp.neuron_radius), width, cp)
+        accepted |= _contrast_exempt(masks, accepted, active, width, cp)
     units = xr.Dataset({
         "masks": (("unit", "y", "x"), masks.astype(bool)),
         # lazy: densified block by block when written (a 512x512 field of 900 units is 0.9 GB dense)
