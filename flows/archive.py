@@ -26,16 +26,17 @@ from somaflow_flows.session import session_flow, session_params
 from somaflow import runtime
 from somaflow.errors import SomaflowError
 from somaflow.io import stores
-from somaflow.manifest import SessionSpec, merge_overrides, read_manifest, with_defaults
+from somaflow.manifest import (
+    SUMMARY_NAME,
+    SessionSpec,
+    check_outputs_apart,
+    is_glob,
+    merge_overrides,
+    read_manifest,
+    result_url,
+    with_defaults,
+)
 from somaflow.params import load_params_file
-
-#: name of the summary written next to the results
-SUMMARY_NAME = "archive_summary.json"
-
-
-def result_url(prefix: str, session: str) -> str:
-    """Where a session's result goes: ``PREFIX/SESSION.zarr``."""
-    return stores.join(prefix, f"{session}.zarr")
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -118,6 +119,9 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
     prefix = stores.normalize_url(out)
     sessions = [with_defaults(s, fps, modality, neuron_radius) for s in read_manifest(manifest)]
     overrides = load_params_file(params_file) if params_file else {}
+    manifest_file = None if is_glob(manifest) else manifest
+    check_outputs_apart(sessions, prefix, (manifest_file, params_file))
+    summary_url = stores.join(prefix, SUMMARY_NAME)
     plog.info("%d sessions from %s -> %s, %d at a time", len(sessions), manifest, prefix, concurrency)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -133,7 +137,6 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
                 r = rows[-1]
                 plog.info("[%s] %s%s", spec.session, r["status"], f": {r['reason']}" if r["reason"] else "")
     counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "skipped", "failed")}
-    summary_url = stores.join(prefix, SUMMARY_NAME)
     summary = {"manifest": manifest, "out": prefix, "sessions": rows, "counts": counts,
                "seconds": round(time.perf_counter() - t0, 2), "summary": summary_url,
                "flow_run_id": str(run_id) if run_id else None}

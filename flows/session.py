@@ -40,9 +40,8 @@ from prefect.runtime import flow_run
 from somaflow import provenance, runtime
 from somaflow.assemble import assemble_result
 from somaflow.classify.cnet import classify_units
-from somaflow.errors import ResultExistsError
 from somaflow.extract import find_units
-from somaflow.io import schema, stores
+from somaflow.io import guard, schema, stores
 from somaflow.io.ingest import checked, load_movie
 from somaflow.params import RunParams
 from somaflow.preprocess.motion import (
@@ -55,14 +54,9 @@ from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
 
 
-def work_url(out_url: str) -> str:
-    """Where a run keeps its intermediates."""
-    return stores.normalize_url(out_url) + ".work"
-
-
 def stage_outputs(out_url: str) -> dict[str, list[str]]:
     """The stores each stage writes for the result ``out_url`` (``write``: the result)."""
-    w = work_url(out_url)
+    w = provenance.work_url(out_url)
     return {
         "ingest": [stores.join(w, "movie.zarr")],
         "motion": [stores.join(w, "corrected.zarr"), stores.join(w, "motion.zarr")],
@@ -81,7 +75,8 @@ def _tagged(ds: xr.Dataset, stage_hash: str | None) -> xr.Dataset:
 def plan_stage(input_url: str, out_url: str, p: RunParams) -> provenance.RunPlan:
     """Is the result done, stale, incomplete or missing for these inputs and parameters?"""
     return provenance.plan_run(input_url, out_url, p.model_dump(mode="json"),
-                               movie_url=stage_outputs(out_url)["ingest"][0])
+                               movie_url=stage_outputs(out_url)["ingest"][0],
+                               work_url=provenance.work_url(out_url))
 
 
 @task(name="ingest")
@@ -254,25 +249,29 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     ResultExistsError
         A complete result for other inputs or parameters exists and
         ``overwrite`` is False.
+    OutputConflictError
+        The result or its work store is, holds or lies inside the input
+        (whatever ``overwrite`` says), or holds something somaflow did not
+        start and ``overwrite`` is False.
     """
     name = session or stores.basename(out_url)
     plog = runtime.progress_logger()
     run_id = flow_run.get_id()
     plog.info("[%s] Prefect flow run %s", name, run_id)
     out_url = stores.normalize_url(out_url)
+    work = provenance.work_url(out_url)
+    guard.check_output_apart(out_url, [input_url])
+    guard.check_output_apart(work, [input_url])
     outputs = stage_outputs(out_url)
     plan = plan_stage(input_url, out_url, params)
     if plan.status == "done" and not overwrite:
         plog.info("[%s] already done (skipped): %s", name, out_url)
         return {**provenance.result_summary(out_url), "flow_run_id": run_id}
-    if plan.status == "stale" and not overwrite:
-        raise ResultExistsError(
-            f"{out_url} already exists, computed from other inputs, parameters or somaflow version. "
-            "Pass --overwrite to replace it, or choose another --out."
-        )
+    provenance.check_plan(plan, out_url, work, overwrite)
     if plan.status == "incomplete":
         plog.info("[%s] %s was never marked complete: resuming", name, out_url)
-    provenance.remove_partial_outputs(work_url(out_url))
+    provenance.write_run_record(work, input_url, out_url)
+    provenance.remove_partial_outputs(work)
     stages = _Stages(name, overwrite)
     hashes = plan.hashes
 

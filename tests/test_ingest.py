@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from somaflow.errors import InputError, ResultExistsError, StoreError
+from somaflow.errors import InputError, OutputConflictError, StoreError
 from somaflow.io import schema
 from somaflow.io.ingest import ingest
 
@@ -65,8 +65,13 @@ def test_nan_late_in_movie_writes_nothing(tmp_path):
 def test_input_never_overwritten(tmp_path):
     src = tmp_path / "m.tif"
     tifffile.imwrite(src, np.random.default_rng(0).integers(0, 100, (10, 8, 8), dtype=np.uint16))
-    with pytest.raises((InputError, ResultExistsError)):
-        ingest(str(src), str(src), fps=10)
+    before = src.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(OutputConflictError, match="is the input"):
+            ingest(str(src), str(src), fps=10, overwrite=overwrite)
+        with pytest.raises(OutputConflictError, match="contains the input"):
+            ingest(str(src), str(tmp_path), fps=10, overwrite=overwrite)
+    assert src.read_bytes() == before
 
 
 def test_missing_s3_object(s3_bucket):

@@ -85,13 +85,16 @@ def _uncomplete(url: str) -> None:
 def test_result_status(tmp_path):
     url = str(tmp_path / "r.zarr")
     assert provenance.result_status(url, "h1") == "missing"
-    _write(url, stage_hash="h1")
+    _write(url, stage_hash="h1", somaflow_version="0.1.0")
     assert provenance.result_status(url, "h1") == "done"
     assert provenance.is_current(url, "h1") and not provenance.is_current(url, "h2")
     assert provenance.result_status(url, "h2") == "stale"
     assert provenance.result_status(url, None) == "stale"
     _uncomplete(url)
-    assert provenance.result_status(url, "h1") == "incomplete"  # never "done" without complete=true
+    work = provenance.work_url(url)
+    provenance.write_run_record(work, str(tmp_path / "m.tif"), url)
+    assert provenance.result_status(url, "h1", work) == "incomplete"  # never "done" without complete=true
+    assert provenance.result_status(url, "h1") == "foreign"  # no run record vouches for it
     assert not provenance.is_current(url, "h1")
 
 

@@ -69,8 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_prefect_env(debug=args.debug)
     check_cluster_option(args.cluster, args.cluster_spec)
     from somaflow import provenance
-    from somaflow.errors import ResultExistsError
-    from somaflow.io import stores
+    from somaflow.io import guard, stores
     from somaflow.params import load_params_file
     from somaflow.runtime import console_progress, dask_client
 
@@ -90,9 +89,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                             dataset=args.dataset, axes=args.axes)
 
     out = stores.normalize_url(args.out)
+    work = provenance.work_url(out)
+    inputs = [args.input, args.params]
+    guard.check_output_apart(out, inputs)
+    guard.check_output_apart(work, inputs)
     if not args.overwrite:
         plan = provenance.plan_run(args.input, out, params.model_dump(mode="json"),
-                                   movie_url=stage_outputs(out)["ingest"][0])
+                                   movie_url=stage_outputs(out)["ingest"][0], work_url=work)
         if plan.status == "done":
             summary = provenance.result_summary(out)
             if not args.json:
@@ -100,11 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "somaflow version; pass --overwrite to recompute", file=sys.stderr)
             _emit(args, {**summary, "seconds": 0.0, "frames_per_second": None}, _format_run)
             return 0
-        if plan.status == "stale":
-            raise ResultExistsError(
-                f"{out} already exists, computed from other inputs, parameters or somaflow version. "
-                "Pass --overwrite to replace it, or choose another --out."
-            )
+        provenance.check_plan(plan, out, work, overwrite=False)
     t0 = time.perf_counter()
     with console_progress(), dask_client(args.cluster, args.workers, spec_file=args.cluster_spec) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
@@ -138,9 +137,12 @@ def cmd_archive(args: argparse.Namespace) -> int:
     check_cluster_option(args.cluster, args.cluster_spec)
     if args.concurrency < 1:
         raise ParameterError(f"--concurrency must be at least 1, got {args.concurrency}.")
-    from somaflow.manifest import read_manifest
+    from somaflow.io import stores
+    from somaflow.manifest import check_outputs_apart, is_glob, read_manifest
 
-    read_manifest(args.manifest)  # a bad manifest fails here, before any server or cluster starts
+    # a bad manifest, or results that would overwrite an input, fail here, before any server or cluster starts
+    check_outputs_apart(read_manifest(args.manifest), stores.normalize_url(args.out),
+                        (None if is_glob(args.manifest) else args.manifest, args.params))
     from somaflow_flows.archive import archive_flow, format_summary
 
     from somaflow.runtime import console_progress
@@ -274,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input")
     s.add_argument("--axes", metavar="ORDER", help="input axis order (default tyx)")
     s.add_argument("--overwrite", action="store_true",
-                   help="recompute every stage and replace an existing result (without it: a result "
+                   help="recompute every stage and replace whatever is at --out (without it: a result "
                         "complete for the same input and parameters is skipped, an interrupted run "
-                        "resumes, a result for other parameters is an error)")
+                        "resumes, a result for other parameters or anything else is an error); an "
+                        "--out that is, holds or lies inside the input is refused either way")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_run)
 

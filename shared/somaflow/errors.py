@@ -40,6 +40,13 @@ class IncompleteResultError(StoreError):
     """A result exists but was never marked ``complete``: it is unfinished."""
 
 
+class OutputConflictError(SomaflowError):
+    """An output location somaflow must not write to: it is, holds or lies inside an
+    input, or it is occupied by something that is not an unfinished somaflow result."""
+
+    exit_code = 2
+
+
 class ServiceError(SomaflowError):
     """The inference service failed or is unreachable."""
 

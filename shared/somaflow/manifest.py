@@ -28,14 +28,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from somaflow import provenance
 from somaflow.errors import InputError, ParameterError
-from somaflow.io import stores
+from somaflow.io import guard, stores
 from somaflow.params import load_params_file, merge_overrides  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 #: manifest columns/keys; ``session`` and ``movie`` are required
 FIELDS = ("session", "movie", "fps", "modality", "neuron_radius", "params")
+
+#: name of the archive's summary, written next to the results
+SUMMARY_NAME = "archive_summary.json"
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _GLOB_CHARS = set("*?[")
@@ -210,3 +214,35 @@ def with_defaults(s: SessionSpec, fps: float | None, modality: str | None,
                                 "neuron_radius": s.neuron_radius or neuron_radius})
 
 
+
+
+def result_url(prefix: str, session: str) -> str:
+    """Where a session's result goes: ``PREFIX/SESSION.zarr``."""
+    return stores.join(prefix, f"{session}.zarr")
+
+
+def check_outputs_apart(sessions: list[SessionSpec], prefix: str, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse an archive whose results, their work stores or its summary would overlap any input.
+
+    Parameters
+    ----------
+    sessions : list of SessionSpec
+        The archive's sessions; each result ``PREFIX/SESSION.zarr`` is checked
+        against that session's movie and against ``inputs``.
+    prefix : str
+        The results' folder or URL prefix.
+    inputs : tuple of str
+        Inputs every session reads (the manifest, a parameter file).
+
+    Raises
+    ------
+    OutputConflictError
+        A result or work store is, holds or lies inside an input (exit status 2).
+    """
+    fix = "Choose another --out prefix (or rename the session)."
+    for s in sessions:
+        out = result_url(prefix, s.session)
+        for url in (out, provenance.work_url(out)):
+            guard.check_output_apart(url, [s.movie, *inputs], what=f"session {s.session}'s result", fix=fix)
+    guard.check_output_apart(stores.join(prefix, SUMMARY_NAME), [*inputs, *(s.movie for s in sessions)],
+                             what="the archive summary", fix="Choose another --out prefix.")

@@ -16,10 +16,12 @@ fingerprint matches the input's (the quick check of ``rsync`` and ``make``).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from somaflow import __version__
-from somaflow.errors import StoreError
+from somaflow.errors import OutputConflictError, ResultExistsError, StoreError
 from somaflow.io import schema, stores
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ VERSIONED = ("numpy", "scipy", "dask", "distributed", "xarray", "zarr", "fsspec"
 #: file-listing fields that change when a file's content changes, by fsspec backend
 _FINGERPRINT_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "md5Hash", "generation", "created")
 
-ResultStatus = Literal["missing", "incomplete", "done", "stale"]
+ResultStatus = Literal["missing", "incomplete", "done", "stale", "foreign"]
 
 
 def _digest(payload: Any) -> str:
@@ -165,24 +167,165 @@ def is_current(url: str, stage_hash: str) -> bool:
     return schema.read_attrs(url).get("stage_hash") == stage_hash
 
 
-def result_status(url: str, expected_hash: str | None) -> ResultStatus:
+def result_status(url: str, expected_hash: str | None, work_url: str | None = None) -> ResultStatus:
     """State of the result at ``url`` for a run whose final hash is ``expected_hash``.
+
+    Parameters
+    ----------
+    url : str
+        The result's location (``--out``).
+    expected_hash : str or None
+        The ``write`` stage hash this run would record (None when unknown).
+    work_url : str, optional
+        The run's work store; an incomplete result is somaflow's own unfinished
+        one only when this holds a run record (:func:`write_run_record`).
 
     Returns
     -------
     str
-        ``"missing"`` — nothing there; ``"incomplete"`` — a store without
-        ``complete=true`` (an interrupted write: never a finished result);
-        ``"done"`` — complete with the expected hash; ``"stale"`` — complete
-        but for other inputs, parameters or somaflow version.
+        ``"missing"`` — nothing there; ``"incomplete"`` — a somaflow result
+        without ``complete=true`` whose run record is in ``work_url`` (an
+        interrupted write: resumed, never taken for a finished result);
+        ``"done"`` — complete with the expected hash; ``"stale"`` — a complete
+        somaflow output for other inputs, parameters or somaflow version;
+        ``"foreign"`` — anything else: a file, a folder, a zarr somaflow did
+        not write, or an unfinished result no run record vouches for. Without
+        ``--overwrite`` a run writes its result only where it is
+        ``"missing"`` or ``"incomplete"``.
     """
-    if not stores.exists(url):
-        return "missing"
-    if not schema.is_complete(url):
-        return "incomplete"
+    state = schema.output_state(url)
+    if state in ("missing", "foreign"):
+        return state
+    if state == "unfinished":
+        return "incomplete" if work_url is not None and work_status(work_url) == "ours" else "foreign"
     if expected_hash is not None and schema.read_attrs(url).get("stage_hash") == expected_hash:
         return "done"
     return "stale"
+
+
+def work_url(out_url: str) -> str:
+    """Where a run keeps its intermediates: ``RESULT.work`` next to the result."""
+    return stores.normalize_url(out_url) + ".work"
+
+
+#: name of the run record inside a run's work store: the mark that somaflow made that store
+RUN_RECORD = "somaflow-run.json"
+
+WorkStatus = Literal["missing", "ours", "foreign"]
+
+
+def work_status(work_url: str) -> WorkStatus:
+    """Whether a run's work store is absent, somaflow's own (it holds a run record) or something else."""
+    if not stores.exists(work_url):
+        return "missing"
+    return "ours" if stores.exists(stores.join(work_url, RUN_RECORD)) else "foreign"
+
+
+def write_run_record(work_url: str, input_url: str, out_url: str) -> str:
+    """Mark ``work_url`` as a somaflow run's work store (creating it) and return the record's URL.
+
+    The record names the input, the result, the somaflow version, the host and
+    the time; its presence is what lets a later run resume an unfinished
+    result (:func:`result_status`).
+    """
+    url = stores.join(work_url, RUN_RECORD)
+    fs, path = stores.filesystem(url)
+    record = {"somaflow_version": __version__, "input": stores.normalize_url(input_url),
+              "result": stores.normalize_url(out_url), "host": platform.node(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        if stores.protocol_of(url) == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open(path, "w") as fh:
+            json.dump(record, fh, indent=2)
+    except OSError as exc:
+        raise StoreError(f"cannot write {url}: {exc}. Check that --out is writable.") from exc
+    return url
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run over one input and one parameter set has to do.
+
+    Attributes
+    ----------
+    source_checksum : str or None
+        The input's content checksum, when known without reading the input.
+    hashes : dict or None
+        :func:`stage_hashes` for that checksum (None when it is unknown).
+    status : str
+        :func:`result_status` of the result for these hashes.
+    work : str
+        :func:`work_status` of the run's work store.
+    """
+
+    source_checksum: str | None
+    hashes: dict[str, str] | None
+    status: ResultStatus
+    work: WorkStatus = "missing"
+
+
+def plan_run(input_url: str, out_url: str, params: Mapping[str, Any], movie_url: str | None = None,
+             work_url: str | None = None) -> RunPlan:
+    """Decide, cheaply, whether the result at ``out_url`` is done, stale, incomplete, foreign or missing.
+
+    The input is read in full (to checksum it) only when a complete result
+    exists whose recorded fingerprint no longer matches the input.
+
+    Parameters
+    ----------
+    input_url, out_url : str
+        The run's input and result.
+    params : mapping
+        ``RunParams.model_dump(mode="json")``.
+    movie_url : str, optional
+        Where the run keeps its ingested movie (a second place the checksum may
+        be recorded).
+    work_url : str, optional
+        The run's work store (whose run record makes an unfinished result
+        resumable).
+    """
+    work = work_status(work_url) if work_url else "missing"
+    outputs = [out_url] + ([movie_url] if movie_url and work != "foreign" else [])
+    checksum = known_source_checksum(input_url, outputs)
+    if checksum is None and schema.is_complete(out_url):
+        checksum = stores.checksum(input_url)
+    hashes = stage_hashes(checksum, params) if checksum else None
+    status = result_status(out_url, hashes["write"] if hashes else None, work_url)
+    return RunPlan(source_checksum=checksum, hashes=hashes, status=status, work=work)
+
+
+def check_plan(plan: RunPlan, out_url: str, work_url: str, overwrite: bool) -> None:
+    """Refuse to start a run that would replace what it must not.
+
+    Raises
+    ------
+    ResultExistsError
+        A complete somaflow output for other inputs or parameters is at
+        ``out_url`` and ``overwrite`` is False (exit status 3).
+    OutputConflictError
+        ``out_url`` or ``work_url`` holds something somaflow did not start
+        (a user's folder or file, another tool's zarr) and ``overwrite`` is
+        False (exit status 2).
+    """
+    if overwrite:
+        return
+    if plan.status == "stale":
+        raise ResultExistsError(
+            f"{out_url} already exists, computed from other inputs, parameters or somaflow version. "
+            "Pass --overwrite to replace it, or choose another --out."
+        )
+    if plan.status == "foreign":
+        raise OutputConflictError(
+            f"{out_url} already exists and is not a somaflow result (nor one that a somaflow run "
+            "left unfinished). Choose another --out, or pass --overwrite to replace it."
+        )
+    if plan.work == "foreign":
+        raise OutputConflictError(
+            f"{work_url} already exists and was not made by a somaflow run (it holds no {RUN_RECORD}); "
+            "somaflow keeps the run's intermediates there. Move it away, choose another --out, or pass "
+            "--overwrite to write into it."
+        )
 
 
 def _recorded_fingerprint(attrs: Mapping[str, Any]) -> str | None:
@@ -233,50 +376,6 @@ def known_source_checksum(input_url: str, outputs: Sequence[str]) -> str | None:
         if recorded == fingerprint:
             return str(attrs["source_checksum"])
     return None
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run over one input and one parameter set has to do.
-
-    Attributes
-    ----------
-    source_checksum : str or None
-        The input's content checksum, when known without reading the input.
-    hashes : dict or None
-        :func:`stage_hashes` for that checksum (None when it is unknown).
-    status : str
-        :func:`result_status` of the result for these hashes.
-    """
-
-    source_checksum: str | None
-    hashes: dict[str, str] | None
-    status: ResultStatus
-
-
-def plan_run(input_url: str, out_url: str, params: Mapping[str, Any], movie_url: str | None = None) -> RunPlan:
-    """Decide, cheaply, whether the result at ``out_url`` is done, stale, incomplete or missing.
-
-    The input is read in full (to checksum it) only when a complete result
-    exists whose recorded fingerprint no longer matches the input.
-
-    Parameters
-    ----------
-    input_url, out_url : str
-        The run's input and result.
-    params : mapping
-        ``RunParams.model_dump(mode="json")``.
-    movie_url : str, optional
-        Where the run keeps its ingested movie (a second place the checksum may
-        be recorded).
-    """
-    outputs = [out_url] + ([movie_url] if movie_url else [])
-    checksum = known_source_checksum(input_url, outputs)
-    if checksum is None and schema.is_complete(out_url):
-        checksum = stores.checksum(input_url)
-    hashes = stage_hashes(checksum, params) if checksum else None
-    status = result_status(out_url, hashes["write"] if hashes else None)
-    return RunPlan(source_checksum=checksum, hashes=hashes, status=status)
 
 
 def remove_partial_outputs(folder: str) -> list[str]:

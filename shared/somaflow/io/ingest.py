@@ -9,11 +9,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from somaflow.errors import InputError, ResultExistsError, StoreError
-from somaflow.io import stores
+from somaflow.errors import InputError, OutputConflictError, ResultExistsError, StoreError
+from somaflow.io import guard, stores
 from somaflow.io.chunks import plan_frame_chunks
 from somaflow.io.readers import check_finite_sample, detect_format, open_input
-from somaflow.io.schema import make_movie_dataset, open_movie, write_movie
+from somaflow.io.schema import make_movie_dataset, open_movie, output_state, write_movie
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +111,35 @@ def ingest(
 ) -> str:
     """Convert ``url`` into a movie-schema zarr at ``out_url``.
 
-    The input is never modified. The output appears only when it is complete
-    (written under a temporary name, then moved); NaNs anywhere abort the write
-    and leave nothing behind.
+    The input is never modified: an output that is, holds or lies inside the
+    input is refused, with or without ``overwrite``. The output appears only
+    when it is complete (written under a temporary name, then moved); NaNs
+    anywhere abort the write and leave nothing behind.
 
     Returns
     -------
     str
         The normalized output URL.
+
+    Raises
+    ------
+    OutputConflictError
+        ``out_url`` overlaps the input, or holds something other than a
+        finished somaflow output and ``overwrite`` is False (exit status 2).
+    ResultExistsError
+        ``out_url`` holds a finished somaflow output and ``overwrite`` is False.
     """
     out_url = stores.normalize_url(out_url)
-    if stores.normalize_url(url) == out_url:
-        raise InputError("the output would overwrite the input. Choose a different --out.")
-    if stores.exists(out_url, storage_options) and not overwrite:
+    guard.check_output_apart(out_url, [url])
+    state = output_state(out_url, storage_options=storage_options)
+    if state == "complete" and not overwrite:
         raise ResultExistsError(
             f"{out_url} already exists. Pass --overwrite to replace it, or choose another output."
+        )
+    if state != "missing" and not overwrite:
+        raise OutputConflictError(
+            f"{out_url} already exists and is not a finished somaflow movie. Choose another --out, "
+            "or pass --overwrite to replace it."
         )
     movie = load_movie(
         url, fps=fps, modality=modality, dataset=dataset, axes=axes,

@@ -296,6 +296,28 @@ def is_complete(url: str, *, storage_options: dict[str, Any] | None = None) -> b
     return bool(group.attrs.get("complete", False))
 
 
+def output_state(url: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """What is at an output location, from somaflow's point of view.
+
+    Returns
+    -------
+    str
+        ``"missing"`` — nothing; ``"complete"`` — a zarr somaflow wrote (its
+        root attrs carry ``somaflow_version``) marked ``complete``;
+        ``"unfinished"`` — such a zarr without ``complete``; ``"foreign"`` —
+        anything else (a file, a folder, another tool's zarr).
+    """
+    if not stores.exists(url, storage_options):
+        return "missing"
+    try:
+        attrs = _open_group(url, storage_options, mode="r").attrs
+    except (StoreError, OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError):
+        return "foreign"
+    if "somaflow_version" not in attrs:
+        return "foreign"
+    return "complete" if attrs.get("complete", False) else "unfinished"
+
+
 def mark_complete(url: str, *, storage_options: dict[str, Any] | None = None) -> None:
     """Set ``complete=true`` on the root group of the zarr at ``url``."""
     group = _open_group(url, storage_options, mode="r+")
