@@ -1,0 +1,1 @@
+"""Helpers for testing somaflow against misbehaving infrastructure (no heavy dependencies)."""
