@@ -609,3 +609,18 @@ def test_chart_lints_clean(chart_dir):
     for m in missing:
         assert set(re.split(r"[,\s]+", m["error"].split(":")[-1].strip())) == {"prefect-server", "prefect-worker"}
     assert all("missing these dependencies" in e for e in report["errors"]), report["errors"]
+
+
+def test_optional_secrets_render_and_validate(chart):
+    docs = render(chart, {"objectStore": {"create": True, "accessKeyId": "AKIDTEST", "secretAccessKey": "s3cr3t",
+                                          "endpoint": "http://minio.storage:9000"},
+                          "inference": {"tokenSecret": "somaflow-inference-token"}})
+    secret = _find(docs, "Secret", "somaflow-s3")
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SOMAFLOW_S3_ENDPOINT_URL"}
+    env = _find(docs, "Deployment", "somaflow-inference")["spec"]["template"]["spec"]["containers"][0]["env"]
+    token = next(e for e in env if e["name"] == "SOMAFLOW_SERVE_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "somaflow-inference-token", "key": "token"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    with pytest.raises(helm.HelmError, match="objectStore.accessKeyId is required"):
+        render(chart, {"objectStore": {"create": True}})
