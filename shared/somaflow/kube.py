@@ -1,19 +1,34 @@
 """Dask on Kubernetes through the dask-kubernetes operator (``--cluster kubernetes``).
 
 The cluster is described by a values file — the ``dask:`` section of the Helm
-chart's ``values.yaml``, or a YAML file holding the same keys at its top level
-(``--cluster-spec FILE``) — validated into :class:`KubeSpec` and turned into a
-``DaskCluster`` resource (:func:`cluster_spec`) that the operator reconciles into
-a scheduler pod, a scheduler service and ``workers`` worker pods::
+chart's ``values.yaml`` (``charts/somaflow``), the ``cluster.yaml`` the chart
+renders into its ConfigMap, or a YAML file holding the same keys at its top
+level (``--cluster-spec FILE``) — validated into :class:`KubeSpec` and turned
+into a ``DaskCluster`` resource (:func:`cluster_spec`) that the operator
+reconciles into a scheduler pod, a scheduler service and ``workers`` worker
+pods::
 
     dask:
-      image: ghcr.io/example/somaflow:0.1.0
+      image: registry.example/somaflow-worker:0.1.0   # empty: the chart's images.worker
       workers: 8
       resources:
         requests: {cpu: "1", memory: 6Gi}
         limits: {cpu: "1", memory: 6Gi}
       env: {PREFECT_API_URL: "http://somaflow-prefect:4200/api"}
       env_from_secret: somaflow-s3          # AWS_ACCESS_KEY_ID ... for the object store
+
+In a chart values file an empty ``dask.image`` is the chart's worker image
+(``images.registry``/``images.worker``:``images.tag``, the tag defaulting to
+the chart's appVersion, which is this package's version) and an empty
+``dask.env_from_secret`` is the chart's object-store Secret
+(``objectStore.secretName``): the same resolution the chart's templates make,
+so a run from a laptop with ``--cluster-spec values.yaml`` and a flow run in
+the cluster with the rendered ConfigMap build the same pods (a test renders the
+chart and compares).
+
+Every pod runs as the images' non-root user with a read-only root filesystem,
+no privilege escalation and no capabilities; ``/tmp`` and the home directory
+(Dask's spill directory, Prefect's and torch's caches) are an ``emptyDir``.
 
 dask-kubernetes is an optional dependency: ``pip install 'somaflow[kubernetes]'``.
 """
@@ -36,6 +51,35 @@ SINGLE_THREADED_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS
 
 INSTALL_HINT = "pip install 'somaflow[kubernetes]'"
 
+#: registry and repository of the Dask worker / flow-runner image (docker/worker.Dockerfile); the
+#: chart's ``images.registry`` and ``images.worker`` (a test checks they agree)
+DEFAULT_REGISTRY = "ghcr.io/somaflow"
+WORKER_REPOSITORY = "somaflow-worker"
+#: the image scheduler and workers run when nothing else is said: this package's own version
+DEFAULT_IMAGE = f"{DEFAULT_REGISTRY}/{WORKER_REPOSITORY}:{__version__}"
+
+#: the images' non-root user (docker/*.Dockerfile: ``useradd --uid 10001``)
+RUN_AS_USER = 10001
+#: home directory of that user in the worker image
+HOME_DIR = "/home/somaflow"
+
+#: pod-level security context of the scheduler and the worker pods
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"},
+}
+#: container-level security context of the scheduler and the worker containers
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+#: the writable places of a read-only container: one emptyDir, two mounts
+SCRATCH_VOLUME: dict[str, Any] = {"name": "scratch", "emptyDir": {}}
+SCRATCH_MOUNTS: list[dict[str, Any]] = [
+    {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
+    {"name": "scratch", "mountPath": HOME_DIR, "subPath": "home"},
+]
+
 
 class KubeSpec(BaseModel):
     """What the Dask cluster on Kubernetes looks like (the chart's ``dask:`` values)."""
@@ -45,7 +89,7 @@ class KubeSpec(BaseModel):
     name: str = Field("somaflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40,
                       description="DaskCluster resource name (DNS label)")
     namespace: str | None = Field(None, description="namespace; default: the current one")
-    image: str = Field(f"ghcr.io/somaflow/somaflow:{__version__}",
+    image: str = Field(DEFAULT_IMAGE, min_length=1,
                        description="image of scheduler and workers (somaflow installed, same version as the client)")
     workers: int = Field(4, ge=1, le=2000, description="worker pods")
     threads_per_worker: int = Field(1, ge=1, description="Dask threads per worker pod")
@@ -69,8 +113,9 @@ class KubeSpec(BaseModel):
 def load_kube_spec(url: str | None = None) -> KubeSpec:
     """Read a values file into a :class:`KubeSpec` (defaults when ``url`` is None).
 
-    The file is either a chart ``values.yaml`` (its ``dask:`` mapping is used)
-    or a mapping of :class:`KubeSpec` fields.
+    The file is either a chart ``values.yaml`` (its ``dask:`` mapping is used,
+    completed by :func:`from_chart_values`) or a mapping of :class:`KubeSpec`
+    fields.
 
     Raises
     ------
@@ -85,15 +130,35 @@ def load_kube_spec(url: str | None = None) -> KubeSpec:
 
     data = read_yaml(url, "cluster spec", "Pass an existing values file to --cluster-spec.")
     if isinstance(data, dict) and isinstance(data.get("dask"), dict):
-        data = data["dask"]
+        data = from_chart_values(data)
     if not isinstance(data, dict):
         raise InputError(f"cluster spec {url} must be a mapping (or hold one under 'dask:').")
+    data = {k: v for k, v in data.items() if not (k == "image" and not v)}
     try:
         return KubeSpec.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ParameterError(f"bad cluster spec {where}: {first['msg']}. Fix it in {url}.") from exc
+
+
+def from_chart_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``dask:`` section of chart values, completed as the chart's templates complete it.
+
+    An empty ``image`` becomes ``images.registry/images.worker:images.tag``
+    (the tag defaulting to this package's version, the chart's appVersion); an
+    empty ``env_from_secret`` becomes ``objectStore.secretName``.
+    """
+    dask = dict(values["dask"])
+    images = values.get("images") if isinstance(values.get("images"), dict) else {}
+    if not dask.get("image") and images:
+        registry = images.get("registry") or DEFAULT_REGISTRY
+        repository = images.get("worker") or WORKER_REPOSITORY
+        dask["image"] = f"{registry}/{repository}:{images.get('tag') or __version__}"
+    store = values.get("objectStore") if isinstance(values.get("objectStore"), dict) else {}
+    if not dask.get("env_from_secret") and store.get("secretName"):
+        dask["env_from_secret"] = store["secretName"]
+    return dask
 
 
 def require_operator() -> Any:
@@ -119,8 +184,10 @@ def cluster_spec(spec: KubeSpec) -> dict[str, Any]:
 
     Built with the operator's ``make_cluster_spec`` and completed with what it
     does not take: threads per worker, scheduler resources, a Secret as
-    environment, service account, node selector, tolerations, namespace and
-    labels.
+    environment, service account, node selector, tolerations, namespace,
+    labels, and the security settings of every pod (non-root, read-only root
+    filesystem with an ``emptyDir`` for ``/tmp`` and home, no privilege
+    escalation, no capabilities, the runtime's seccomp profile).
 
     Raises
     ------
@@ -146,6 +213,13 @@ def cluster_spec(spec: KubeSpec) -> dict[str, Any]:
     worker["args"] = list(worker["args"]) + ["--nthreads", str(spec.threads_per_worker)]
     scheduler_pod["containers"][0]["resources"] = copy.deepcopy(spec.scheduler_resources)
     for pod in (worker_pod, scheduler_pod):
+        pod["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
+        pod["volumes"] = [*pod.get("volumes", []), copy.deepcopy(SCRATCH_VOLUME)]
+        # a pod that never talks to the Kubernetes API gets no token
+        pod.setdefault("automountServiceAccountToken", False)
+        for container in pod["containers"]:
+            container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
+            container["volumeMounts"] = [*container.get("volumeMounts", []), *copy.deepcopy(SCRATCH_MOUNTS)]
         if spec.env_from_secret:
             pod["containers"][0]["envFrom"] = [{"secretRef": {"name": spec.env_from_secret}}]
         if spec.service_account:
