@@ -256,7 +256,9 @@ class S3FaultProxy:
                     for k, v in resp.getheaders():
                         if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                             self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                    # a HEAD answer states the object's length without a body
+                    length = resp.getheader("Content-Length") if method == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
                     self.end_headers()
                     if method != "HEAD":
                         self.wfile.write(data)
