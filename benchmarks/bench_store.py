@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,7 +63,10 @@ def _env(endpoint: str, home: str) -> dict[str, str]:
 def _s3(endpoint: str):
     import s3fs
 
-    return s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    # a long read timeout: moto assembles a multipart upload of GBs slowly, and a retried
+    # CompleteMultipartUpload races the first one
+    return s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True,
+                             config_kwargs={"read_timeout": 900})
 
 
 def section_requests(args: argparse.Namespace, moto_url: str, tmp: str) -> dict:
@@ -104,13 +108,17 @@ def section_first_task(args: argparse.Namespace, moto_url: str, tmp: str) -> dic
     path = Path(tmp) / "big.tif"
     rng = np.random.default_rng(0)
     block = rng.integers(100, 4000, (50, 512, 512), dtype=np.uint16)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i in range(0, frames, 50):
-            tw.write(block[: min(50, frames - i)], contiguous=True)
+    movie = tifffile.memmap(path, shape=(frames, 512, 512), dtype=np.uint16, bigtiff=True)
+    for i in range(0, frames, 50):
+        movie[i:i + 50] = block[: min(50, frames - i)]
+    movie.flush()
+    del movie
     fs = _s3(moto_url)
     fs.mkdir("big")
     t = time.perf_counter()
-    fs.put(str(path), "s3://big/raw/big.tif")
+    # one part at a time: moto's server fails concurrent multipart uploads of this size
+    with open(path, "rb") as src, fs.open("s3://big/raw/big.tif", "wb", block_size=128 << 20) as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)
     upload = time.perf_counter() - t
     size = path.stat().st_size
     path.unlink()
@@ -135,13 +143,17 @@ def section_first_task(args: argparse.Namespace, moto_url: str, tmp: str) -> dic
         cmd = [str(BIN / "somaflow"), "run", "s3://big/raw/big.tif", "--out", "s3://big/results/r.zarr",
                "--fps", "30", "--cluster", address]
         t0 = time.time()
-        run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+        errors = open(Path(tmp) / "run.err", "w+")
+        run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         while not marker.exists() and run.poll() is None and time.time() - t0 < args.timeout:
             time.sleep(0.2)
         first = float(marker.read_text().split()[0]) if marker.exists() else None
-        os.killpg(run.pid, signal.SIGKILL)
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
         run.wait()
+        if first is None:
+            errors.seek(0)
+            raise SystemExit(f"no worker task started; the run said: {errors.read()[-3000:]}")
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
@@ -161,6 +173,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    # keep objects in memory: moto spools larger ones to temporary files that its multipart
+    # completion then reads after closing (ValueError: seek of closed file)
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(8 << 30))
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
