@@ -27,7 +27,7 @@ from somaflow import runtime
 from somaflow.errors import SomaflowError
 from somaflow.io import stores
 from somaflow.manifest import SessionSpec, merge_overrides, read_manifest, with_defaults
-from somaflow.params import load_params_file
+from somaflow.params import inference_overrides, load_params_file
 
 #: name of the summary written next to the results
 SUMMARY_NAME = "archive_summary.json"
@@ -87,7 +87,7 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
                  neuron_radius: float | None = None, params_file: str | None = None,
                  method: str | None = None, concurrency: int = 2, overwrite: bool = False,
                  cluster: str = "local", workers: int | None = None,
-                 cluster_spec: str | None = None) -> dict[str, Any]:
+                 cluster_spec: str | None = None, inference: str = "local") -> dict[str, Any]:
     """Process every session of ``manifest`` into ``out``/SESSION.zarr.
 
     Parameters
@@ -104,6 +104,9 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
         Sessions in flight at once.
     cluster, workers, cluster_spec
         The Dask cluster, as ``somaflow run --cluster`` (``runtime.dask_client``).
+    inference : str
+        Where every session's CNNs run: ``"local"`` or the inference service's
+        ``http://HOST:PORT`` (``somaflow run --inference``).
 
     Returns
     -------
@@ -117,7 +120,8 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
     plog.info("Prefect flow run %s (somaflow-archive)", run_id)
     prefix = stores.normalize_url(out)
     sessions = [with_defaults(s, fps, modality, neuron_radius) for s in read_manifest(manifest)]
-    overrides = load_params_file(params_file) if params_file else {}
+    overrides = merge_overrides(load_params_file(params_file) if params_file else {},
+                                inference_overrides(inference))
     plog.info("%d sessions from %s -> %s, %d at a time", len(sessions), manifest, prefix, concurrency)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
