@@ -96,7 +96,7 @@ class TritonPythonModel:
         with torch.inference_mode():
             out = self.net(tensors[0] if len(tensors) == 1 else tuple(tensors))
         prob = probability(out.float()).cpu().numpy().astype(np.float32)
-        return prob.reshape(len(prob), *(() if self.signature.output_dims != (1,) else (1,)))
+        return prob.reshape(-1, 1) if self.signature.output_dims == (1,) else prob
 
     def finalize(self) -> None:
         self.net = None

@@ -18,14 +18,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import somaflow_service
 from somaflow_service.settings import ServeSettings
 
+import somaflow
 from somaflow import __version__
 from somaflow.inference import weights_path
 from somaflow.nn import load_checkpoint
 from somaflow.nn.signatures import OUTPUT, signature
 
-_MODEL_PY = '"""Triton Python-backend entry point of a somaflow model."""\n\nfrom somaflow_service.backend import TritonPythonModel  # noqa: F401\n'
+
+def _model_py() -> str:
+    """A model's ``model.py``: the backend, imported from where this process imports somaflow (Triton's
+    Python stub does not see ``PYTHONPATH``)."""
+    roots = sorted({str(Path(p).parent) for p in (*somaflow.__path__, *somaflow_service.__path__)})
+    return ('"""Triton Python-backend entry point of a somaflow model (written by somaflow_service.repository)."""\n\n'
+            f"import sys\n\nfor root in {roots!r}:\n    if root not in sys.path:\n        sys.path.insert(0, root)\n\n"
+            "from somaflow_service.backend import TritonPythonModel  # noqa: E402, F401\n")
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -77,5 +86,5 @@ def write_repository(settings: ServeSettings, root: Path, *, gpu: bool) -> list[
         (folder / "1").mkdir(parents=True, exist_ok=True)
         (folder / "config.pbtxt").write_text(
             model_config(name, meta["config"], settings, weights=ref, sha256=meta["sha256"], gpu=gpu))
-        (folder / "1" / "model.py").write_text(_MODEL_PY)
+        (folder / "1" / "model.py").write_text(_model_py())
     return list(settings.models)

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from somaflow_service.repository import write_repository
 from somaflow_service.settings import ServeSettings
 
-from somaflow.errors import ParameterError, SomaflowError
+from somaflow.errors import ParameterError, ServiceError, SomaflowError
 from somaflow.inference import TOKEN_HEADER
 
 log = logging.getLogger("somaflow_service")
@@ -98,12 +98,19 @@ def serve(settings: ServeSettings) -> None:
         if settings.token is not None:
             _restrict_inference(triton, settings.token.get_secret_value())
         _stop_on_sigterm()
+        from pytriton.client.exceptions import PyTritonClientTimeoutError
+
         host = settings.host if settings.host != "0.0.0.0" else "HOST"
         print(f"somaflow inference service: http://{host}:{settings.http_port} (gRPC {settings.grpc_port}, "
               f"metrics http://{host}:{settings.metrics_port}/metrics) on {'GPU' if gpu else 'CPU'}; "
               f"models: {', '.join(models)}; token: {'required' if settings.token else 'none'}",
               file=sys.stderr, flush=True)
-        triton.serve()
+        try:
+            triton.serve()
+        except PyTritonClientTimeoutError as exc:
+            triton.stop()
+            raise ServiceError(f"Triton did not become ready ({exc}): a model failed to load; its error is in "
+                               "the log above.") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
