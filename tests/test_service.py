@@ -332,15 +332,15 @@ def test_killing_the_service_mid_run(service_env, make_movie, tmp_path, prefect_
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     try:
+        out = tmp_path / "back.zarr"
+        back = run_and_kill(out, "240", restart=True)
+        assert back.returncode == 0, back.stderr
+        assert schema.is_complete(str(out)) and svc.count("stneuronet") > 0
         out = tmp_path / "down.zarr"
         down = run_and_kill(out, "5", restart=False)
         assert down.returncode == 4, down.stderr
         last = down.stderr.strip().splitlines()[-1]
         assert last.startswith(f"somaflow: error: inference service {svc.url} did not answer"), last
         assert not schema.is_complete(str(out))
-        out = tmp_path / "back.zarr"
-        back = run_and_kill(out, "240", restart=True)
-        assert back.returncode == 0, back.stderr
-        assert schema.is_complete(str(out)) and svc.count("stneuronet") > 0
     finally:
         svc.stop()

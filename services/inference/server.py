@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -76,6 +77,35 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(tmp: Path | None = None, shm: Path = Path("/dev/shm")) -> list[Path]:
+    """Remove what killed services left behind: their scratch folders (``somaflow-serve-PID-*``, ~22 MB:
+    the repository and pytriton's copy of Triton) and the Python backend's shared memory
+    (``pytrtionPID-*``), for processes that no longer run. Returns what it removed."""
+    removed = []
+    for folder, pattern in ((tmp or Path(tempfile.gettempdir()), r"somaflow-serve-(\d+)-"), (shm, r"pytrtion(\d+)-")):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            m = re.match(pattern, path.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def serve(settings: ServeSettings) -> None:
     """Serve until Triton stops or the process is signalled."""
     from pytriton.triton import Triton, TritonConfig
@@ -84,7 +114,9 @@ def serve(settings: ServeSettings) -> None:
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
-    scratch = Path(tempfile.mkdtemp(prefix="somaflow-serve-"))
+    for path in sweep_leftovers():
+        log.info("removed %s, left by a service that was killed", path)
+    scratch = Path(tempfile.mkdtemp(prefix=f"somaflow-serve-{os.getpid()}-"))
     try:
         models = write_repository(settings, scratch / "models", gpu=gpu)
         config = TritonConfig(
