@@ -190,6 +190,33 @@ def test_inference_option_is_checked_before_any_work(tmp_path, make_movie):
     assert not (tmp_path / "r.zarr").exists()
 
 
+def test_inference_reaches_every_cnn_but_not_the_recorded_parameters(make_movie):
+    """--inference sets the backend of the detectors, the classifier and the LSTM seed cleansing; it is
+    left out of the parameter dump, so of the stage hashes and the result's recorded parameters."""
+    from somaflow_flows.session import session_params
+
+    from somaflow import provenance
+    from somaflow.params import inference_overrides
+
+    movie = str(make_movie(0) / "movie.tif")
+    url = "http://inference.example:8000"
+    local = session_params(movie, fps=10.0)
+    remote = session_params(movie, fps=10.0, overrides=inference_overrides(url))
+    assert remote.cnn.inference == remote.classify.inference == remote.cnmf.seeds.inference == url
+    assert local.cnn.inference == "local"
+    assert "inference" not in json.dumps(remote.model_dump(mode="json"))
+    assert provenance.stage_hashes("x", remote.model_dump(mode="json")) == \
+        provenance.stage_hashes("x", local.model_dump(mode="json"))
+
+
+def test_archive_checks_the_inference_service_first(tmp_path, make_movie):
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli("archive", str(make_movie(0) / "*.tif"), "--out", str(tmp_path / "out"), "--fps", "10",
+                   "--inference", url, check=False, env={"SOMAFLOW_INFERENCE_DEADLINE": "2"})
+    assert proc.returncode == 4 and url in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_serve_refuses_bad_settings_in_one_line(service_env):
     proc = run_cli("serve", "--models", "resnet50", "--http-port", str(free_port()), check=False, timeout=300)
     assert proc.returncode == 2
