@@ -21,7 +21,9 @@ beyond the standard library.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import somaflow
 from somaflow.errors import ParameterError, ServiceError
@@ -148,3 +151,68 @@ def serve(settings: Mapping[str, str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)
+
+
+def serve_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The ``serve`` options given, as ``SOMAFLOW_SERVE_*`` variables (they win over the environment's)."""
+    settings = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
+                "metrics_port": args.metrics_port, "device": args.device, "precision": args.precision,
+                "models": ",".join(args.models) if args.models else None,
+                "weights": json.dumps(dict(_pair(w, "--weights") for w in args.weights)) if args.weights else None,
+                "max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us}
+    return {f"SOMAFLOW_SERVE_{k.upper()}": str(v) for k, v in settings.items() if v is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``somaflow serve``: find or create the service environment, then :func:`serve` there."""
+    env = serve_environment(args)
+    if args.print_python:
+        print(service_python())
+        return 0
+    serve(env)
+    return 0
+
+
+def _pair(item: str, option: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise ParameterError(f"{option} takes MODEL=FILE, got {item!r}.")
+    return key, value
+
+
+#: what ``somaflow serve --help`` says
+DESCRIPTION = (
+    "Serve somaflow's CNNs with NVIDIA Triton Inference Server (Open Inference Protocol over HTTP and gRPC, "
+    "Prometheus metrics), with dynamic batching. Runs in its own Python environment (SOMAFLOW_SERVE_PYTHON, or "
+    "one created on first use under ~/.somaflow). Every setting can also come from SOMAFLOW_SERVE_* environment "
+    "variables, e.g. SOMAFLOW_SERVE_TOKEN (inference requests must then carry it), "
+    "SOMAFLOW_SERVE_PREFERRED_BATCH_SIZES, SOMAFLOW_SERVE_MAX_REQUEST_BYTES. Point runs at it with "
+    "`somaflow run --inference http://HOST:PORT`.")
+
+
+def serve_options(s: argparse.ArgumentParser) -> None:
+    """The options of ``somaflow serve`` (and of ``python -m somaflow_service`` in the service environment)."""
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
+    s.add_argument("--models", nargs="+", metavar="MODEL", help="models to serve (default: every shipped one)")
+    s.add_argument("--weights", action="append", metavar="MODEL=FILE",
+                   help="serve MODEL with this safetensors checkpoint (path or URL) instead of the shipped one")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="cuda: one model instance per GPU; cpu; auto (default): cuda when torch sees a GPU")
+    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="compute precision on GPUs (default fp32)")
+    s.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="largest dynamic batch of every served model (default: per model, see docs/service.md)")
+    s.add_argument("--max-queue-delay-us", type=int, metavar="US",
+                   help="how long a request may wait for a fuller batch (default 2000 us)")
+
+
+def add_serve_parser(sub: Any) -> None:
+    """The ``serve`` subcommand of the ``somaflow`` command line."""
+    s = sub.add_parser("serve", help="start the CNN inference service (NVIDIA Triton Inference Server)",
+                       description=DESCRIPTION)
+    serve_options(s)
+    s.add_argument("--print-python", action="store_true",
+                   help="create the service environment if needed, print its python and exit")
+    s.set_defaults(func=cmd_serve)

@@ -155,9 +155,10 @@ def main() -> int:
         settings = ServeSettings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        print(f"somaflow serve: error: bad setting {where}: {first['msg']} "
-              f"(from --{where.replace('_', '-')} or SOMAFLOW_SERVE_{where.upper()})", file=sys.stderr)
+        where = str(first["loc"][0]) if first["loc"] else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        hint = f"bad setting {where}: {msg} (from --{where.replace('_', '-')} or SOMAFLOW_SERVE_{where.upper()})"
+        print(f"somaflow serve: error: {hint if where else msg}.", file=sys.stderr)
         return 2
     try:
         serve(settings)

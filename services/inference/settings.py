@@ -50,8 +50,9 @@ class ServeSettings(BaseSettings):
                             "torch sees a GPU")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="compute precision on GPUs (inputs and outputs stay float32); the CPU runs fp32")
-    max_batch_size: dict[str, int] = Field(
-        default_factory=dict, description="model -> largest dynamic batch (defaults: DEFAULT_MAX_BATCH)")
+    max_batch_size: int | dict[str, int] = Field(
+        default_factory=dict, description="largest dynamic batch: one number for every model, or model -> number "
+                                          "(defaults: DEFAULT_MAX_BATCH)")
     preferred_batch_sizes: dict[str, list[int]] = Field(
         default_factory=dict, description="model -> batch sizes the batcher forms without waiting longer "
                                           "(default: none, i.e. as large as possible)")
@@ -70,15 +71,16 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _known(self) -> ServeSettings:
-        unknown = [m for m in [*self.models, *self.weights, *self.max_batch_size, *self.preferred_batch_sizes]
+        per_model = self.max_batch_size if isinstance(self.max_batch_size, dict) else {}
+        unknown = [m for m in [*self.models, *self.weights, *per_model, *self.preferred_batch_sizes]
                    if m not in SHIPPED]
         if unknown:
             raise ValueError(f"unknown model(s) {sorted(set(unknown))}; somaflow serves {', '.join(SHIPPED)}")
         if not self.models:
             raise ValueError("no models to serve")
-        for m, n in self.max_batch_size.items():
-            if n < 1:
-                raise ValueError(f"max_batch_size of {m} must be at least 1, got {n}")
+        for m in self.models:
+            if self.batch_limit(m) < 1:
+                raise ValueError(f"max_batch_size of {m} must be at least 1, got {self.batch_limit(m)}")
         for m, sizes in self.preferred_batch_sizes.items():
             if any(s < 1 or s > self.batch_limit(m) for s in sizes):
                 raise ValueError(f"preferred batch sizes of {m} must lie in 1..{self.batch_limit(m)}, got {sizes}")
@@ -86,4 +88,6 @@ class ServeSettings(BaseSettings):
 
     def batch_limit(self, model: str) -> int:
         """The largest dynamic batch of ``model``."""
+        if isinstance(self.max_batch_size, int):
+            return self.max_batch_size
         return self.max_batch_size.get(model, DEFAULT_MAX_BATCH[model])

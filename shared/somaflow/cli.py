@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from somaflow_service.launch import add_serve_parser
+
 from somaflow import __version__
 from somaflow.errors import ParameterError, SomaflowError
 from somaflow.extract import METHODS
@@ -170,33 +172,6 @@ def _with_inference(overrides: dict[str, Any], spec: str) -> dict[str, Any]:
     return merge_overrides(overrides, inference_overrides(_checked_inference(spec)))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from somaflow_service import launch
-
-    from somaflow.inference import SHIPPED
-
-    settings = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
-                "metrics_port": args.metrics_port, "device": args.device, "precision": args.precision,
-                "models": ",".join(args.models) if args.models else None,
-                "weights": json.dumps(dict(_pair(w, "--weights") for w in args.weights)) if args.weights else None,
-                "max_batch_size": json.dumps({m: args.max_batch_size for m in args.models or SHIPPED})
-                if args.max_batch_size else None,
-                "max_queue_delay_us": args.max_queue_delay_us}
-    env = {f"SOMAFLOW_SERVE_{k.upper()}": str(v) for k, v in settings.items() if v is not None}
-    if args.print_python:
-        print(launch.service_python())
-        return 0
-    launch.serve(env)
-    return 0
-
-
-def _pair(item: str, option: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key or not value:
-        raise ParameterError(f"{option} takes MODEL=FILE, got {item!r}.")
-    return key, value
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from somaflow.nn.recipes import train_model
 
@@ -276,34 +251,6 @@ def _inference_option(s: argparse.ArgumentParser) -> None:
                    help="where CNN models run: 'local' (in-process; a CUDA GPU when torch sees one, default) or "
                         "the inference service, http://HOST:PORT (`somaflow serve`); its token, if any, from "
                         "SOMAFLOW_INFERENCE_TOKEN, its deadline (s) from SOMAFLOW_INFERENCE_DEADLINE (300)")
-
-
-def _serve_parser(sub: Any) -> None:
-    s = sub.add_parser(
-        "serve", help="start the CNN inference service (NVIDIA Triton Inference Server)",
-        description="Serve somaflow's CNNs with NVIDIA Triton Inference Server (Open Inference Protocol over "
-                    "HTTP and gRPC, Prometheus metrics), with dynamic batching. Runs in its own Python "
-                    "environment (SOMAFLOW_SERVE_PYTHON, or one created on first use under ~/.somaflow). "
-                    "Every setting can also come from SOMAFLOW_SERVE_* environment variables, e.g. "
-                    "SOMAFLOW_SERVE_TOKEN (inference requests must then carry it), "
-                    "SOMAFLOW_SERVE_PREFERRED_BATCH_SIZES, SOMAFLOW_SERVE_MAX_REQUEST_BYTES. "
-                    "Point runs at it with `somaflow run --inference http://HOST:PORT`.")
-    s.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
-    s.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
-    s.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
-    s.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
-    s.add_argument("--models", nargs="+", metavar="MODEL", help="models to serve (default: every shipped one)")
-    s.add_argument("--weights", action="append", metavar="MODEL=FILE",
-                   help="serve MODEL with this safetensors checkpoint (path or URL) instead of the shipped one")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="cuda: one model instance per GPU; cpu; auto (default): cuda when torch sees a GPU")
-    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="compute precision on GPUs (default fp32)")
-    s.add_argument("--max-batch-size", type=int, metavar="N", help="largest dynamic batch of each model in --models")
-    s.add_argument("--max-queue-delay-us", type=int, metavar="US",
-                   help="how long a request may wait for a fuller batch (default 2000 us)")
-    s.add_argument("--print-python", action="store_true",
-                   help="create the service environment if needed, print its python and exit")
-    s.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_train)
 
-    _serve_parser(sub)
+    add_serve_parser(sub)
 
     s = sub.add_parser("evaluate", help="score a result against ground truth")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")
