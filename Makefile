@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared flows tests benchmarks
+	$(BIN)/ruff check shared flows services tests benchmarks
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -36,7 +36,7 @@ from somaflow.manifest import (
     result_url,
     with_defaults,
 )
-from somaflow.params import load_params_file
+from somaflow.params import inference_overrides, load_params_file
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -88,7 +88,7 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
                  neuron_radius: float | None = None, params_file: str | None = None,
                  method: str | None = None, concurrency: int = 2, overwrite: bool = False,
                  cluster: str = "local", workers: int | None = None,
-                 cluster_spec: str | None = None) -> dict[str, Any]:
+                 cluster_spec: str | None = None, inference: str = "local") -> dict[str, Any]:
     """Process every session of ``manifest`` into ``out``/SESSION.zarr.
 
     Parameters
@@ -105,6 +105,9 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
         Sessions in flight at once.
     cluster, workers, cluster_spec
         The Dask cluster, as ``somaflow run --cluster`` (``runtime.dask_client``).
+    inference : str
+        Where every session's CNNs run: ``"local"`` or the inference service's
+        ``http://HOST:PORT`` (``somaflow run --inference``).
 
     Returns
     -------
@@ -118,7 +121,8 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
     plog.info("Prefect flow run %s (somaflow-archive)", run_id)
     prefix = stores.normalize_url(out)
     sessions = [with_defaults(s, fps, modality, neuron_radius) for s in read_manifest(manifest)]
-    overrides = load_params_file(params_file) if params_file else {}
+    overrides = merge_overrides(load_params_file(params_file) if params_file else {},
+                                inference_overrides(inference))
     manifest_file = None if is_glob(manifest) else manifest
     check_outputs_apart(sessions, prefix, (manifest_file, params_file))
     summary_url = stores.join(prefix, SUMMARY_NAME)

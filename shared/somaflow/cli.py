@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from somaflow_service.launch import add_serve_parser
+
 from somaflow import __version__
 from somaflow.errors import ParameterError, SomaflowError
 from somaflow.extract import METHODS
@@ -73,11 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from somaflow.params import load_params_file
     from somaflow.runtime import console_progress, dask_client
 
-    if args.inference != "local":
-        raise ParameterError(
-            "--inference: only 'local' (in-process models) is available in this version. Drop the option."
-        )
     overrides = load_params_file(args.params) if args.params else {}
+    overrides = _with_inference(overrides, args.inference)
     if args.classifier:
         from somaflow.params import merge_overrides
 
@@ -152,10 +151,27 @@ def cmd_archive(args: argparse.Namespace) -> int:
             args.manifest, args.out, fps=args.fps, modality=args.modality,
             neuron_radius=args.neuron_radius, params_file=args.params, method=args.method,
             concurrency=args.concurrency, overwrite=args.overwrite, cluster=args.cluster,
-            workers=args.workers, cluster_spec=args.cluster_spec,
+            workers=args.workers, cluster_spec=args.cluster_spec, inference=_checked_inference(args.inference),
         )
     _emit(args, summary, format_summary)
     return 1 if summary["counts"].get("failed") else 0
+
+
+def _checked_inference(spec: str) -> str:
+    """``--inference``: 'local', or the service's URL once it answers (ServiceError after the deadline)."""
+    from somaflow.inference import RemoteBackend, check_spec
+
+    spec = check_spec(spec)
+    if spec != "local":
+        RemoteBackend(spec).wait_ready()
+    return spec
+
+
+def _with_inference(overrides: dict[str, Any], spec: str) -> dict[str, Any]:
+    """Parameter overrides that send every CNN call to ``--inference`` (checked first)."""
+    from somaflow.params import inference_overrides, merge_overrides
+
+    return merge_overrides(overrides, inference_overrides(_checked_inference(spec)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -232,6 +248,13 @@ def _cluster_options(s: argparse.ArgumentParser) -> None:
                    help="workers of a local cluster (default: one per core) or of a Kubernetes cluster")
 
 
+def _inference_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--inference", default="local", metavar="local|URL",
+                   help="where CNN models run: 'local' (in-process; a CUDA GPU when torch sees one, default) or "
+                        "the inference service, http://HOST:PORT (`somaflow serve`); its token, if any, from "
+                        "SOMAFLOW_INFERENCE_TOKEN, its deadline (s) from SOMAFLOW_INFERENCE_DEADLINE (300)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="somaflow", description="Calcium-imaging movies in, neurons out.")
@@ -272,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier", choices=["none", "3cnet", "3cnet-plus"],
                    help="cell/not-cell CNN folded into score and accepted (default none)")
     _cluster_options(s)
-    s.add_argument("--inference", default="local", metavar="local", help="where CNN models run (default: in-process)")
+    _inference_option(s)
     s.add_argument("--dataset", metavar="PATH", help="HDF5/zarr array inside the input")
     s.add_argument("--axes", metavar="ORDER", help="input axis order (default tyx)")
     s.add_argument("--overwrite", action="store_true",
@@ -306,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="sessions in flight at once (default 2); they share one Dask cluster")
     _cluster_options(s)
+    _inference_option(s)
     s.add_argument("--overwrite", action="store_true", help="recompute every session from scratch")
     s.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     s.set_defaults(func=cmd_archive)
@@ -347,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model constructor argument over the recipe's, e.g. width=12 (repeatable)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_train)
+
+    add_serve_parser(sub)
 
     s = sub.add_parser("evaluate", help="score a result against ground truth")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")

@@ -2,27 +2,44 @@
 
 The pipeline never touches torch directly: detection and classification ask
 an :class:`InferenceBackend` for probabilities, by model name and weights
-reference. :class:`LocalBackend` runs the models in-process on the CPU (the
-laptop default, ``--inference local``); a remote backend that calls the GPU
-inference service over HTTP implements the same two methods.
+reference. :class:`LocalBackend` runs the models in-process (on a CUDA GPU
+when torch sees one, else the CPU: ``--inference local``);
+:class:`RemoteBackend` sends the same calls to the inference service
+(``somaflow serve``: NVIDIA Triton Inference Server) over the Open Inference
+Protocol (``--inference http://HOST:PORT``).
+
+Backends are built inside each Dask task from the ``inference`` string of the
+run's parameters (:func:`get_backend`), so nothing but that string travels to
+the workers; the service's access token comes from the worker's
+``SOMAFLOW_INFERENCE_TOKEN`` environment variable, never from the parameters
+(which every result records).
 
 Weights references are ``"default"`` (the file shipped in
 ``somaflow/nn/weights/<model>.safetensors``) or a local path / fsspec URL of a
 ``safetensors`` checkpoint written by ``somaflow train``.
 
-This module imports torch only when a local model is first used.
+This module imports torch only when a local model is first used, and the
+HTTP client only when a remote one is.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import logging
+import os
+import struct
+import threading
+import time
 from importlib import resources
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from somaflow.errors import InputError, ParameterError
+from somaflow.errors import InputError, ParameterError, ServiceError
+from somaflow.nn.signatures import OUTPUT, Signature, as_named, signature
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +102,38 @@ def _load(path: str) -> tuple[Any, dict[str, Any]]:
     return model, meta
 
 
+@functools.lru_cache(maxsize=8)
+def _on_device(path: str, device: str) -> Any:
+    """The model of ``path`` moved to ``device`` (a copy per device, loaded once per process)."""
+    net, _ = _load(path)
+    return net if device == "cpu" else copy.deepcopy(net).to(device)
+
+
+def local_device() -> str:
+    """``"cuda"`` when torch sees a CUDA GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class LocalBackend:
-    """In-process CPU inference; models are loaded once per process and cached.
+    """In-process inference; models are loaded once per process and cached.
+
+    Runs on the CUDA GPU when torch sees one (``--inference local`` on a GPU
+    node needs no service), else on the CPU.
 
     Parameters
     ----------
     threads : int, optional
         torch intra-op threads (default: leave torch's setting alone). Inside a
         Dask worker, 1 keeps one task per core.
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` (default: :func:`local_device`).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, device: str | None = None) -> None:
         self.threads = threads
+        self.device = device
 
     def _model(self, model: str, weights: str) -> tuple[Any, dict[str, Any]]:
         net, meta = _load(weights_path(model, weights))
@@ -112,34 +149,279 @@ class LocalBackend:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        net, _ = self._model(model, weights)
+        self._model(model, weights)  # checks that the weights are for this model
+        device = self.device or local_device()
+        net = _on_device(weights_path(model, weights), device)
         parts = inputs if isinstance(inputs, tuple) else (inputs,)
-        tensors = [torch.from_numpy(np.ascontiguousarray(p, np.float32)) for p in parts]
+        tensors = [torch.from_numpy(np.ascontiguousarray(p, np.float32)).to(device) for p in parts]
         with torch.no_grad():
             out = net(tensors[0] if len(tensors) == 1 else tuple(tensors))
-        if out.ndim == 1:  # one logit per example (the LSTM)
-            return torch.sigmoid(out).numpy().astype(np.float32)
-        return torch.softmax(out, dim=1)[:, 1].numpy().astype(np.float32)
+        return probability(out).cpu().numpy().astype(np.float32)
 
     def metadata(self, model: str, weights: str) -> dict[str, Any]:
         return dict(self._model(model, weights)[1])
 
 
-def get_backend(spec: str = "local", threads: int | None = None) -> InferenceBackend:
-    """The backend for ``--inference SPEC``.
+#: the HTTP header that carries the service's access token (Triton's restricted-API header)
+TOKEN_HEADER = "somaflow-token"
+#: 5xx statuses worth retrying (429 too): the server is overloaded, restarting or behind a proxy
+_RETRY_STATUS = {"429", "500", "502", "503", "504"}
+#: an internal error of the served model code (deterministic: not retried)
+_MODEL_ERROR = "somaflow: internal error"
+
+
+def checkpoint_metadata(path: str) -> dict[str, Any]:
+    """A checkpoint's metadata, JSON-decoded, from its safetensors header only (no torch).
+
+    The same dict :func:`somaflow.nn.load_checkpoint` returns as its metadata;
+    its ``sha256`` names the weights.
+
+    Raises
+    ------
+    InputError
+        Not a somaflow checkpoint.
+    StoreError
+        The file cannot be read.
+    """
+    from somaflow.io import stores
+
+    fs, p = stores.filesystem(path)
+    try:
+        with fs.open(p, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
+            if not 0 < n <= 100 << 20:
+                raise ValueError(f"header length {n}")
+            header = json.loads(fh.read(n))
+        raw = header["__metadata__"]
+        return {k: json.loads(v) for k, v in raw.items()}
+    except FileNotFoundError as exc:
+        from somaflow.errors import StoreError
+
+        raise StoreError(f"checkpoint {path} does not exist. Check the path or URL.") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path} is not a somaflow checkpoint ({exc}). Use a file written by `somaflow train`.") from exc
+
+
+class RemoteBackend:
+    """Inference on the service (``somaflow serve``) over HTTP with binary tensors.
+
+    Every call is retried with exponential backoff on connection errors, 429
+    and 5xx answers until ``deadline`` seconds have passed since it started;
+    then, or at once on any other error answer, it raises
+    :class:`~somaflow.errors.ServiceError` naming the URL. There is no
+    fallback to local inference. Batches are split into requests the
+    service accepts (its ``max_batch_size`` and request-size limit).
+
+    Before its first call for a model, it checks that the service serves the
+    same weights the run asks for (their ``sha256``), read from the local
+    checkpoint's header; checkpoint metadata come from that header too.
+
+    Parameters
+    ----------
+    url : str
+        ``http(s)://HOST:PORT``.
+    deadline : float, optional
+        Seconds one call may keep retrying (default
+        ``SOMAFLOW_INFERENCE_DEADLINE`` or 300).
+    token : str, optional
+        Access token (default ``SOMAFLOW_INFERENCE_TOKEN``, if set).
+    """
+
+    _local = threading.local()
+    _configs: dict[tuple[str, str], dict[str, Any]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str, deadline: float | None = None, token: str | None = None) -> None:
+        self.url = check_spec(url)
+        if self.url == "local":
+            raise ParameterError("RemoteBackend needs the service's URL, not 'local'.")
+        env_deadline = os.environ.get("SOMAFLOW_INFERENCE_DEADLINE")
+        self.deadline = float(deadline if deadline is not None else env_deadline or 300.0)
+        self.token = token if token is not None else os.environ.get("SOMAFLOW_INFERENCE_TOKEN") or None
+
+    # ------------------------------------------------------------------ transport
+
+    def _client(self) -> Any:
+        clients = self._local.__dict__.setdefault("clients", {})
+        if self.url not in clients:
+            import tritonclient.http as httpclient
+
+            parts = urlsplit(self.url)
+            clients[self.url] = httpclient.InferenceServerClient(
+                parts.netloc, ssl=parts.scheme == "https", connection_timeout=10.0,
+                network_timeout=max(self.deadline, 10.0))
+        return clients[self.url]
+
+    def _drop_client(self) -> None:
+        client = self._local.__dict__.get("clients", {}).pop(self.url, None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # a broken connection may fail to close; it is dropped either way
+                pass
+
+    def _call(self, what: str, fn: Any) -> Any:
+        """``fn(client)``, retried on transient failures until the deadline."""
+        from tritonclient.utils import InferenceServerException
+
+        start = time.monotonic()
+        delay, attempt = 0.25, 0
+        while True:
+            attempt += 1
+            try:
+                return fn(self._client())
+            except InferenceServerException as exc:
+                status, message = exc.status(), (exc.message() or "").strip()
+                if status not in _RETRY_STATUS or message.startswith(_MODEL_ERROR):
+                    raise ServiceError(f"inference service {self.url}: {what}: {message} (HTTP {status})") from exc
+                reason = f"HTTP {status}: {message.splitlines()[0] if message else ''}"
+            except (OSError, TimeoutError) as exc:  # refused, reset, DNS, timeouts (socket.timeout is OSError)
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # geventhttpclient's own errors on broken connections
+                if type(exc).__module__.split(".")[0] not in ("geventhttpclient", "gevent"):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            self._drop_client()
+            left = self.deadline - (time.monotonic() - start)
+            if left <= 0:
+                raise ServiceError(
+                    f"inference service {self.url} did not answer {what} within {self.deadline:g} s "
+                    f"({attempt} attempts; last: {reason}). Start or fix the service (`somaflow serve`), "
+                    "or run with --inference local; rerunning resumes after the last finished stage."
+                )
+            log.info("inference service %s: %s failed (%s); retrying in %.1f s", self.url, what, reason,
+                        min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+    def _headers(self) -> dict[str, str] | None:
+        return {TOKEN_HEADER: self.token} if self.token else None
+
+    # ------------------------------------------------------------------ models
+
+    def _served(self, model: str, weights: str) -> tuple[Signature, int, int]:
+        """The model's signature, max batch size and request-size limit, once the service is
+        known to serve the weights this run asks for."""
+        ref = weights_path(model, weights)
+        meta = self.metadata(model, weights)
+        key = (self.url, model)
+        with self._lock:
+            config = self._configs.get(key)
+        if config is None:
+            def get(client: Any) -> Any:
+                return client.get_model_config(model, headers=self._headers())
+
+            config = self._call(f"the configuration of model {model!r}", get)
+            with self._lock:
+                self._configs[key] = config
+        params = {k: v.get("string_value") for k, v in (config.get("parameters") or {}).items()}
+        served = params.get("weights_sha256")
+        if served != meta.get("sha256"):
+            raise ServiceError(
+                f"inference service {self.url} serves {model} with other weights (sha256 {str(served)[:12]}...) "
+                f"than this run asks for ({weights}: {ref}, sha256 {str(meta.get('sha256'))[:12]}...). Start the "
+                f"service with `--weights {model}=FILE` for these weights, or run with --inference local."
+            )
+        return signature(model, meta["config"]), int(config["max_batch_size"]), int(params["max_request_bytes"])
+
+    def predict(self, model: str, weights: str, inputs: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
+        import tritonclient.http as httpclient
+
+        sig, max_batch, max_bytes = self._served(model, weights)
+        named = as_named(sig, inputs)
+        n = next(iter(named.values())).shape[0]
+        per_example = sum(a[:1].nbytes for a in named.values())
+        step = min(max_batch, max_bytes // max(per_example, 1))
+        if step < 1:
+            raise ParameterError(
+                f"one {model} example is {per_example} bytes, over the inference service's request limit "
+                f"({max_bytes} bytes). Lower cnn.tile, or raise the service's SOMAFLOW_SERVE_MAX_REQUEST_BYTES."
+            )
+        out = []
+        for i in range(0, n, step):
+            chunk = {k: a[i:i + step] for k, a in named.items()}
+            request = []
+            for name, a in chunk.items():
+                t = httpclient.InferInput(name, list(a.shape), "FP32")
+                t.set_data_from_numpy(a, binary_data=True)
+                request.append(t)
+            wanted = [httpclient.InferRequestedOutput(OUTPUT, binary_data=True)]
+
+            def infer(client: Any, request: list[Any] = request, wanted: list[Any] = wanted) -> np.ndarray:
+                return client.infer(model, request, outputs=wanted, headers=self._headers()).as_numpy(OUTPUT)
+
+            out.append(self._call(f"{model} inference", infer))
+        if not out:
+            return np.zeros((0,) if sig.output_dims == (1,) else (0, 0, 0), np.float32)
+        prob = np.concatenate(out)
+        if sig.output_dims == (1,):
+            prob = prob.reshape(-1)
+        return prob.astype(np.float32, copy=False)
+
+    def metadata(self, model: str, weights: str) -> dict[str, Any]:
+        meta = _header_metadata(weights_path(model, weights))
+        if meta.get("model") != model:
+            raise InputError(
+                f"the weights {weights!r} are for model {meta.get('model')!r}, not {model!r}. "
+                "Pass weights trained for this model."
+            )
+        return dict(meta)
+
+    def wait_ready(self) -> None:
+        """Return once the service answers ``/v2/health/ready``; :class:`ServiceError` after the deadline."""
+        def ready(client: Any) -> bool:
+            if not client.is_server_ready(headers=self._headers()):
+                raise ConnectionError("the service is up but not ready (models still loading)")
+            return True
+
+        self._call("the readiness check", ready)
+
+
+@functools.lru_cache(maxsize=32)
+def _header_metadata(path: str) -> dict[str, Any]:
+    return checkpoint_metadata(path)
+
+
+def probability(logits: Any) -> Any:
+    """Class-1 probability of a model's output (torch): softmax over the two logits of dim 1,
+    or the sigmoid of one logit per example (the LSTM)."""
+    import torch
+
+    if logits.ndim == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` when it is ``"local"`` or an ``http(s)://HOST:PORT`` URL.
 
     Raises
     ------
     ParameterError
-        Anything but ``"local"``: the HTTP inference service is not part of
-        this version.
+        Anything else.
     """
     if spec == "local":
+        return spec
+    parts = urlsplit(spec)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise ParameterError(
+            f"--inference {spec!r}: use 'local' (in-process models) or the inference service's URL, "
+            "http://HOST:PORT (see `somaflow serve`)."
+        )
+    return spec.rstrip("/")
+
+
+def get_backend(spec: str = "local", threads: int | None = None) -> InferenceBackend:
+    """The backend for ``--inference SPEC``: ``"local"`` or ``http(s)://HOST:PORT``.
+
+    Raises
+    ------
+    ParameterError
+        Any other spec.
+    """
+    if check_spec(spec) == "local":
         return LocalBackend(threads)
-    raise ParameterError(
-        f"--inference {spec!r}: only 'local' (in-process models) is available in this version. "
-        "Drop the option."
-    )
+    return RemoteBackend(spec)
 
 
 def tiled(

@@ -110,6 +110,12 @@ class RunParams(BaseModel):
             raise ParameterError(f"bad parameter {where}: {first['msg']}. Fix it in the --params file.") from exc
 
 
+def inference_overrides(spec: str) -> dict[str, Any]:
+    """Overrides that send every CNN of a run (detectors, classifier, LSTM seed cleansing) to
+    ``spec``: ``"local"`` or the inference service's URL (``somaflow run --inference``)."""
+    return {"cnn": {"inference": spec}, "classify": {"inference": spec}, "cnmf": {"seeds": {"inference": spec}}}
+
+
 def merge_overrides(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Nested parameter overrides: ``over`` wins over ``base``, mapping by mapping."""
     out = dict(base)

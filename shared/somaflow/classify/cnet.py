@@ -38,7 +38,8 @@ class ClassifyParams(BaseModel):
     classifier: str = Field("none", description=f"one of {', '.join(CLASSIFIERS)}; 'none' keeps the method's verdict")
     weights: str = Field("default", description="checkpoint path/URL, or 'default' for the shipped weights")
     threshold: float = Field(0.5, gt=0, lt=1, description="cell probability needed to accept a unit")
-    inference: str = Field("local", description="where the model runs: 'local' (in-process CPU)")
+    inference: str = Field("local", exclude=True,
+                           description="where the model runs: 'local' or http://HOST:PORT (as CnnParams.inference)")
     ood_check: bool = Field(True, description="warn when the candidates look unlike the training data")
 
     def model_post_init(self, __context: object) -> None:

@@ -27,7 +27,7 @@ def seed_transient_probability(traces: np.ndarray, fps: float, *, weights: str =
     weights : str
         ``"default"`` or an LSTM checkpoint.
     inference : str
-        Backend spec (``"local"``).
+        Backend spec (``"local"`` or the service's URL).
 
     Returns
     -------

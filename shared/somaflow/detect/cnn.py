@@ -85,7 +85,10 @@ class CnnParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    inference: str = Field("local", description="where models run: 'local' (in-process CPU)")
+    inference: str = Field("local", exclude=True,
+                           description="where models run: 'local' (in-process) or the inference service's "
+                                       "http://HOST:PORT; a deployment choice, not a result parameter: left out "
+                                       "of dumps, so of stage hashes and recorded parameters")
     weights: dict[str, str] = Field(
         default_factory=dict,
         description="model name -> checkpoint path/URL; models not listed use their shipped 'default' weights",

@@ -63,6 +63,8 @@ class SeedParams(BaseModel):
                                         "classifier (somaflow.classify.lstm) finds no transient in")
     classifier_weights: str = Field("default", description="LSTM checkpoint path/URL, or 'default'")
     classifier_threshold: float = Field(0.5, gt=0, lt=1, description="LSTM probability needed to keep a seed")
+    inference: str = Field("local", exclude=True,
+                           description="where the LSTM runs: 'local' or http://HOST:PORT (as CnnParams.inference)")
     fps: float | None = Field(None, gt=0, description="frame rate of the seed traces (Hz; the LSTM resamples "
                                                      "to 10 Hz)")
     min_pnr: float = Field(3.0, ge=0, description="seeds below this peak-valley/noise are dropped anyway")
@@ -123,7 +125,8 @@ def find_seeds(movie: xr.DataArray, images: xr.Dataset, params: SeedParams) -> x
     if params.classifier == "lstm" and keep.any():
         from somaflow.classify.lstm import seed_transient_probability
 
-        prob = seed_transient_probability(traces[keep], params.fps or 10.0, weights=params.classifier_weights)
+        prob = seed_transient_probability(traces[keep], params.fps or 10.0, weights=params.classifier_weights,
+                                          inference=params.inference)
         lstm_keep = np.zeros_like(keep)
         lstm_keep[np.flatnonzero(keep)] = prob >= params.classifier_threshold
         log.info("LSTM seed cleansing: %d of %d seeds hold a transient", int(lstm_keep.sum()), int(keep.sum()))
