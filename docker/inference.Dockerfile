@@ -32,6 +32,7 @@ RUN pip install -r services/inference/requirements.txt
 COPY pyproject.toml README.md ./
 COPY shared/ shared/
 COPY flows/ flows/
+COPY services/ services/
 RUN pip install --no-deps . \
     && python -c "import numpy, pytriton, torch, somaflow.nn; assert numpy.__version__ < '2'"
 
@@ -45,7 +46,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/somaflow --shell /usr/sbin/nologin somaflow
 COPY --from=build /opt/venv /opt/venv
-COPY services/ /opt/somaflow/services/
 COPY docker/healthcheck.py /opt/somaflow/docker/healthcheck.py
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/somaflow \
@@ -61,5 +61,7 @@ USER 10001:10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "/opt/somaflow/docker/healthcheck.py"]
-ENTRYPOINT ["somaflow", "serve"]
+# `python -m somaflow_service` takes `somaflow serve`'s options; the somaflow CLI itself needs dask
+# and prefect, which this environment (numpy<2) does not hold
+ENTRYPOINT ["python", "-m", "somaflow_service"]
 CMD ["--host", "0.0.0.0", "--http-port", "8000", "--device", "cuda"]

@@ -611,7 +611,7 @@ def test_chart_lints_clean(chart_dir):
     assert all("missing these dependencies" in e for e in report["errors"]), report["errors"]
 
 
-def test_optional_secrets_render_and_validate(chart):
+def test_optional_secrets_render_and_validate(chart, tmp_path):
     docs = render(chart, {"objectStore": {"create": True, "accessKeyId": "AKIDTEST", "secretAccessKey": "s3cr3t",
                                           "endpoint": "http://minio.storage:9000"},
                           "inference": {"tokenSecret": "somaflow-inference-token"}})
@@ -620,6 +620,12 @@ def test_optional_secrets_render_and_validate(chart):
     env = _find(docs, "Deployment", "somaflow-inference")["spec"]["template"]["spec"]["containers"][0]["env"]
     token = next(e for e in env if e["name"] == "SOMAFLOW_SERVE_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "somaflow-inference-token", "key": "token"}
+    # the Dask workers, which call the service, get the same token (the client's variable)
+    worker = _dask_cluster(docs, tmp_path)["spec"]["worker"]["spec"]["containers"][0]
+    token = next(e for e in worker["env"] if e["name"] == "SOMAFLOW_INFERENCE_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "somaflow-inference-token", "key": "token"}
+    assert kube.from_chart_values({"dask": {}, "inference": {"tokenSecret": "t"}})["secret_env"] == {
+        "SOMAFLOW_INFERENCE_TOKEN": "t/token"}
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     with pytest.raises(helm.HelmError, match="objectStore.accessKeyId is required"):

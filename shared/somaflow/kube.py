@@ -103,6 +103,9 @@ class KubeSpec(BaseModel):
         description="Kubernetes resources of the scheduler container")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of scheduler and workers")
     env_from_secret: str | None = Field(None, description="Secret whose keys become environment (store credentials)")
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables from one Secret key each: NAME -> 'SECRET/KEY' "
+                                          "(e.g. SOMAFLOW_INFERENCE_TOKEN from the inference service's token)")
     service_account: str | None = Field(None, description="service account of the pods (e.g. for IRSA)")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -147,7 +150,9 @@ def from_chart_values(values: dict[str, Any]) -> dict[str, Any]:
 
     An empty ``image`` becomes ``images.registry/images.worker:images.tag``
     (the tag defaulting to this package's version, the chart's appVersion); an
-    empty ``env_from_secret`` becomes ``objectStore.secretName``.
+    empty ``env_from_secret`` becomes ``objectStore.secretName``; with an
+    ``inference.tokenSecret`` the workers get ``SOMAFLOW_INFERENCE_TOKEN`` from
+    its ``token`` key (the key the service reads its token from).
     """
     dask = dict(values["dask"])
     images = values.get("images") if isinstance(values.get("images"), dict) else {}
@@ -158,6 +163,10 @@ def from_chart_values(values: dict[str, Any]) -> dict[str, Any]:
     store = values.get("objectStore") if isinstance(values.get("objectStore"), dict) else {}
     if not dask.get("env_from_secret") and store.get("secretName"):
         dask["env_from_secret"] = store["secretName"]
+    inference = values.get("inference") if isinstance(values.get("inference"), dict) else {}
+    if inference.get("tokenSecret"):
+        dask["secret_env"] = {"SOMAFLOW_INFERENCE_TOKEN": f"{inference['tokenSecret']}/token",
+                              **dict(dask.get("secret_env") or {})}
     return dask
 
 
@@ -222,6 +231,10 @@ def cluster_spec(spec: KubeSpec) -> dict[str, Any]:
             container["volumeMounts"] = [*container.get("volumeMounts", []), *copy.deepcopy(SCRATCH_MOUNTS)]
         if spec.env_from_secret:
             pod["containers"][0]["envFrom"] = [{"secretRef": {"name": spec.env_from_secret}}]
+        for name, ref in spec.secret_env.items():
+            secret, _, key = ref.partition("/")
+            pod["containers"][0].setdefault("env", []).append(
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
         if spec.service_account:
             pod["serviceAccountName"] = spec.service_account
         if spec.node_selector:

@@ -61,6 +61,9 @@ the dask values completed as somaflow.kube.from_chart_values completes them.
 {{- $_ := set $spec "image" (.Values.dask.image | default (include "somaflow.image" (list . "worker"))) -}}
 {{- $_ := set $spec "env_from_secret" (include "somaflow.objectStoreSecret" .) -}}
 {{- $_ := set $spec "namespace" (.Values.dask.namespace | default .Release.Namespace) -}}
+{{- with .Values.inference.tokenSecret -}}
+{{- $_ := set $spec "secret_env" (merge (dict "SOMAFLOW_INFERENCE_TOKEN" (printf "%s/token" .)) ($spec.secret_env | default dict)) -}}
+{{- end -}}
 {{- toYaml $spec -}}
 {{- end -}}
 
