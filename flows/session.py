@@ -154,7 +154,8 @@ def extract_stage(corrected_url: str, images: xr.Dataset, p: RunParams, out_url:
                   stage_hash: str | None = None) -> tuple[xr.Dataset, xr.Dataset]:
     """Units (masks, footprints, scores) and their traces, ΔF/F and spikes; written
     to ``units.zarr`` and ``traces.zarr`` when ``out_url`` is given."""
-    units, traces = find_units(schema.open_movie(corrected_url), images, p)
+    scratch = stores.join(provenance.work_url(out_url), "scratch") if out_url is not None else None
+    units, traces = find_units(schema.open_movie(corrected_url), images, p, scratch_url=scratch)
     if out_url is not None:
         units_url, traces_url = stage_outputs(out_url)["extract"]
         schema.write_dataset(_tagged(units, stage_hash), units_url, overwrite=True)

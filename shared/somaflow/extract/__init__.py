@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 METHODS: tuple[str, ...] = ("cnmf", "local-maxima", "pca-ica", "stneuronet", "convnet2p1d", "unet2d", "meanimage2d")
 
 
-def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tuple[xr.Dataset, xr.Dataset]:
+def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams,
+               scratch_url: str | None = None) -> tuple[xr.Dataset, xr.Dataset]:
     """Find units and their activity with the method ``p.method``.
 
     Parameters
@@ -39,6 +40,11 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
         ``pnr_image``, ``mean_image``, ``max_image``, ``std_image``), (y, x).
     p : somaflow.params.RunParams
         Every parameter of the run.
+    scratch_url : str, optional
+        Where a method may keep intermediates every worker must read (CNMF's
+        binned fit movie): a folder on the run's store, e.g. under its work
+        store. None: a temporary local folder, fit only for a cluster whose
+        workers share the client's disk.
 
     Returns
     -------
@@ -67,7 +73,7 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
     if p.method == "cnmf":
         from somaflow.extract.cnmf import cnmf_units
 
-        return cnmf_units(corrected, images, p)
+        return cnmf_units(corrected, images, p, scratch_url=scratch_url)
     if p.method == "pca-ica":
         from somaflow.extract.pca_ica import pca_ica
         from somaflow.preprocess.pipeline import trace_movie

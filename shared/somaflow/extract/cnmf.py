@@ -256,8 +256,9 @@ def cnmf(
     fps : float
         Frame rate of ``movie`` (Hz).
     scratch_url : str, optional
-        Folder for the binned fit movie; a temporary local folder when None
-        (removed afterwards).
+        Folder for the binned fit movie, which every worker reads: on a
+        cluster, a URL on the run's store. A temporary local folder when None.
+        The fit movie is removed afterwards either way.
     morph_masks : ndarray, (n, y, x) bool, optional
         Masks of an anatomical detector; with ``params.seed_morphology`` each
         one no activity-seeded component covers is initialised as a component
@@ -320,6 +321,8 @@ def cnmf(
     finally:
         if own_tmp:
             shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            stores.remove(stores.join(scratch, "fit_movie.zarr"))
     footprints, traces, keep = _global_merge(fits, params)
     rval = np.concatenate([f.spatial_corr for f in fits])[keep] if fits else np.zeros(0)
     origin = np.concatenate([f.origin for f in fits])[keep] if fits else np.zeros(0, int)
