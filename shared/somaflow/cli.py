@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "PlaneSegmentation, traces / dF/F / spikes as RoiResponseSeries, the summary images, "
                     "the motion shifts and the parameters; readable by pynwb and roiextractors.",
         epilog="--metadata: a YAML file with what the result does not know, e.g. session_start_time: "
-               "2024-05-02T10:31:00+02:00, experimenter: [Doe, Jane], institution: ..., subject: "
+               "2024-05-02T10:31:00+02:00, experimenter: ['Doe, Jane'], institution: ..., subject: "
                "{subject_id: m12, species: Mus musculus, sex: F, age: P90D}, imaging_plane: {indicator: "
                "GCaMP6s, location: VISp, excitation_lambda: 920, emission_lambda: 510}.")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")

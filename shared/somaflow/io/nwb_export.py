@@ -68,7 +68,7 @@ class NwbMetadata(BaseModel):
     Every field is optional; give them in a YAML file (``export --metadata``)::
 
         session_start_time: 2024-05-02T10:31:00+02:00
-        experimenter: [Doe, Jane]
+        experimenter: ["Doe, Jane"]
         institution: Example University
         subject: {subject_id: m12, species: Mus musculus, sex: F, age: P90D}
         imaging_plane: {indicator: GCaMP6s, location: VISp, excitation_lambda: 920}
@@ -111,7 +111,10 @@ class NwbMetadata(BaseModel):
         data = read_yaml(url, "NWB metadata file")
         if not isinstance(data, dict):
             raise InputError(f"NWB metadata file {url} must hold a mapping (session_start_time: ..., subject: ...).")
-        data = {**data, **(data.pop("imaging_plane", None) or {})}
+        plane = data.pop("imaging_plane", None) or {}
+        if not isinstance(plane, dict):
+            raise InputError(f"NWB metadata file {url}: imaging_plane must be a mapping (indicator: ..., location: ...).")
+        data = {**data, **plane}
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
