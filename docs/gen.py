@@ -137,6 +137,7 @@ def _constraints(field: FieldInfo) -> str:
 
 
 def _lookup(values: Mapping[str, Any] | None, path: list[str]) -> tuple[bool, Any]:
+    """``(True, value)`` at the dotted ``path`` of nested mappings, ``(False, None)`` if absent."""
     cur: Any = values
     for key in path:
         if not isinstance(cur, Mapping) or key not in cur:
@@ -149,47 +150,52 @@ def _value(v: Any) -> str:
     return f"`{_escape(json.dumps(v, default=str))}`"
 
 
-def _tag(model: type[BaseModel]) -> str | None:
-    """``field = value`` of a tagged-union member: its field typed as one literal value."""
+def _tag(model: type[BaseModel]) -> tuple[str, Any] | None:
+    """``(field, value)`` of a tagged-union member: its field typed as one literal value."""
     for name, f in model.model_fields.items():
         args = typing.get_args(f.annotation)
         if typing.get_origin(f.annotation) is typing.Literal and len(args) == 1:
-            return f"{name} = {json.dumps(args[0])}"
+            return name, args[0]
     return None
 
 
-def _rows(model: type[BaseModel], path: list[str], examples: list[Mapping[str, Any]],
+def _model_rows(annotation: Any, path: list[str], examples: list[Mapping[str, Any] | None]) -> list[str]:
+    """Rows of a model-typed field; a union of models gives one part per member, headed by
+    the tag that selects it, with the examples' values only where that member is the one used."""
+    members = _models_in(annotation)
+    rows: list[str] = []
+    for member in members:
+        used = examples
+        if len(members) > 1:
+            tag = _tag(member)
+            where = f"when {tag[0]} = {json.dumps(tag[1])}" if tag else f"as {member.__name__}"
+            rows.append(f"| **`{'.'.join(path)}`** | {member.__name__} | "
+                        + " | ".join("" for _ in examples) + f" | {where}: "
+                        + _escape((member.__doc__ or "").strip().split("\n\n")[0]) + " |")
+            if tag:
+                used = [ex if _lookup(ex, [*path, tag[0]]) == (True, tag[1]) else None for ex in examples]
+        rows += _rows(member, path, used)
+    return rows
+
+
+def _rows(model: type[BaseModel], path: list[str], examples: list[Mapping[str, Any] | None],
           leaf_only: bool = False) -> list[str]:
     rows: list[str] = []
     for name, field in model.model_fields.items():
         here = [*path, name]
-        members = _models_in(field.annotation)
-        if members and not leaf_only:
-            for member in members:
-                if len(members) > 1:
-                    tag = _tag(member) or member.__name__
-                    rows.append(f"| **`{'.'.join(here)}`** | {member.__name__} | "
-                                + " | ".join("" for _ in examples) + f" | when {tag}: "
-                                + _escape((member.__doc__ or "").strip().split("\n\n")[0]) + " |")
-                rows += _rows(member, here, examples)
+        if _models_in(field.annotation):
+            if not leaf_only:  # leaf_only: a nested model is documented on its own page
+                rows += _model_rows(field.annotation, here, examples)
             continue
-        if members:  # leaf_only: a nested model is documented on its own page
-            continue
+        default = "required" if field.is_required() else _value(field.get_default(call_default_factory=True))
         cells = []
         for ex in examples:
             found, v = _lookup(ex, here)
-            cells.append(_value(v) if found else "")
-        if field.is_required():
-            default = "required"
-        else:
-            default = _value(field.get_default(call_default_factory=True))
-        if not any(cells):
-            cells = [default] * len(examples)
-        desc = field.description or ""
+            cells.append(_value(v) if found else default)
         cons = _constraints(field)
         extra = f" ({cons})" if cons else ""
         rows.append(f"| `{'.'.join(here)}` | {_escape(_type_name(field.annotation))}{extra} | "
-                    + " | ".join(cells) + f" | {_escape(desc)} |")
+                    + " | ".join(cells) + f" | {_escape(field.description or '')} |")
     return rows
 
 
@@ -205,14 +211,12 @@ def params_table(section: str, run_params: Any, examples: list[Mapping[str, Any]
     head = ("| parameter | type | " + " | ".join(title for title, *_ in EXAMPLES) + " | description |\n"
             + "|---|---|" + "---|" * len(EXAMPLES) + "---|\n")
     if section == "run":
-        rows = _rows(run_params, [], examples, leaf_only=True)
+        rows = _rows(run_params, [], list(examples), leaf_only=True)
     else:
         field = run_params.model_fields.get(section)
         if field is None:
             raise KeyError(f"RunParams has no section {section!r}")
-        rows = []
-        for member in _models_in(field.annotation):
-            rows += _rows(member, [section], examples)
+        rows = _model_rows(field.annotation, [section], list(examples))
     note = ("Values are the defaults `somaflow run` derives for each example movie "
             f"({EXAMPLE_SHAPE[1]} × {EXAMPLE_SHAPE[2]} pixels, {EXAMPLE_SHAPE[0]} frames); "
             "override any of them in a `--params` YAML file under its dotted name.\n\n")

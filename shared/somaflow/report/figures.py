@@ -67,12 +67,27 @@ def _segments(contours: Sequence[list[np.ndarray]], keep: np.ndarray) -> tuple[l
     return segs, owner
 
 
-def summary_figure(images: dict[str, np.ndarray], contours: list[list[np.ndarray]], score: np.ndarray,
-                   accepted: np.ndarray, truth_contours: list[list[np.ndarray]] | None = None) -> bytes:
-    """The summary images side by side with every unit's outline.
+def _panel_size(ny: int, nx: int) -> tuple[float, float]:
+    """Inches of one image panel: the longer side 6.5 in (wide fields) or 7 in (tall ones)."""
+    return (6.5, 6.5 * ny / nx) if nx >= ny else (7.0 * nx / ny, 7.0)
 
-    Accepted units are drawn solid, coloured by score; rejected ones dashed in
-    :data:`REJECTED_COLOR`; ground-truth outlines, when given, dotted white.
+
+def score_norm(score: np.ndarray) -> Normalize:
+    """Colour scale of the scores: the accepted units' range (at least 0.2 wide), up to 1."""
+    lo = float(np.floor(score.min() * 10) / 10) if score.size else 0.0
+    return Normalize(min(lo, 0.8), 1.0)
+
+
+def summary_figure(images: dict[str, np.ndarray], contours: list[list[np.ndarray]], score: np.ndarray,
+                   accepted: np.ndarray, truth_contours: list[list[np.ndarray]] | None = None,
+                   rejected_on: str | None = None) -> bytes:
+    """The summary images side by side with the units' outlines.
+
+    Accepted units are drawn solid on every panel, coloured by score;
+    ground-truth outlines, when given, dotted white on top. Rejected units
+    (often many, and mostly noise) are drawn dashed in
+    :data:`REJECTED_COLOR` on the panel ``rejected_on`` only (default: the
+    last), so the other panels stay readable.
 
     Parameters
     ----------
@@ -82,13 +97,18 @@ def summary_figure(images: dict[str, np.ndarray], contours: list[list[np.ndarray
         :func:`outlines` of the units.
     score, accepted : numpy.ndarray
         (unit,) float in [0, 1] and bool.
+    truth_contours : list, optional
+        :func:`outlines` of the ground truth.
+    rejected_on : str, optional
+        Title of the panel that shows the rejected units.
     """
     names = list(images)
+    rejected_on = rejected_on or names[-1]
     ny, nx = next(iter(images.values())).shape
-    width = 5.2 * len(names)
-    fig = Figure(figsize=(width, 5.2 * ny / nx + 0.6), layout="constrained")
+    w, h = _panel_size(ny, nx)
+    fig = Figure(figsize=(w * len(names) + 1.0, h + 0.7), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)
-    norm = Normalize(0.0, 1.0)
+    norm = score_norm(score[accepted])
     cmap = colormaps[SCORE_CMAP]
     acc_segs, acc_owner = _segments(contours, accepted)
     rej_segs, _ = _segments(contours, ~accepted)
@@ -97,15 +117,16 @@ def summary_figure(images: dict[str, np.ndarray], contours: list[list[np.ndarray
         img = images[name]
         lo, hi = _display_range(img)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-        if rej_segs:
-            ax.add_collection(LineCollection(rej_segs, colors=REJECTED_COLOR, linewidths=0.7,
-                                             linestyles="--", alpha=0.8))
+        if rej_segs and name == rejected_on:
+            ax.add_collection(LineCollection(rej_segs, colors=REJECTED_COLOR, linewidths=0.6,
+                                             linestyles="--", alpha=0.7))
         if acc_segs:
             ax.add_collection(LineCollection(acc_segs, colors=cmap(norm(score[acc_owner])), linewidths=1.1))
         if truth_segs:  # on top: a matched unit shows as its outline dotted over in white
             ax.add_collection(LineCollection(truth_segs, colors=TRUTH_COLOR, linewidths=0.9,
                                              linestyles=":", alpha=0.95))
-        ax.set_title(name, fontsize=12)
+        title = name + (" · rejected units dashed" if rej_segs and name == rejected_on else "")
+        ax.set_title(title, fontsize=11)
         ax.set_xlim(-0.5, nx - 0.5)
         ax.set_ylim(ny - 0.5, -0.5)
         ax.set_xticks([])
