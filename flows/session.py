@@ -109,7 +109,9 @@ def ingest_stage(input_url: str, out_url: str, fps: float, modality: str, p: Run
     stage_hash = provenance.stage_hashes(a["source_checksum"], p.model_dump(mode="json"))["ingest"]
     ds = schema.make_movie_dataset(checked(movie), fps=a["fps"], modality=a["modality"], source=a["source"],
                                    source_checksum=a["source_checksum"],
-                                   extra_attrs={"stage_hash": stage_hash, "source_fingerprint": fingerprint})
+                                   extra_attrs={"stage_hash": stage_hash, "source_fingerprint": fingerprint,
+                                                **({"pixel_size_um": a["pixel_size_um"]}
+                                                   if "pixel_size_um" in a else {})})
     return schema.write_movie(ds, stage_outputs(out_url)["ingest"][0], overwrite=True)
 
 

@@ -94,3 +94,25 @@ def test_small_results_still_validate(tmp_path, n):
                                     fps=2.0, modality="1p")
     r = schema.open_result(schema.write_result(ds, str(tmp_path / "r.zarr")))
     assert r.sizes["unit"] == n and int(r["labels"].max()) == n
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome", "none"])
+def test_pixel_size_is_read_where_the_file_records_it(tmp_path, kind):
+    import tifffile
+
+    from somaflow.io.ingest import load_movie
+
+    frames = np.random.default_rng(0).integers(0, 500, (6, 16, 20), dtype=np.uint16)
+    path = tmp_path / f"{kind}.tif"
+    if kind == "imagej":  # 1.25 pixels per micron
+        tifffile.imwrite(path, frames, imagej=True, resolution=(1.25, 1.25), metadata={"unit": "um", "axes": "TYX"})
+    elif kind == "ome":
+        tifffile.imwrite(path, frames, ome=True, metadata={"axes": "TYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    else:
+        tifffile.imwrite(path, frames)
+    movie = load_movie(str(path), fps=10.0, with_checksum=False)
+    expected = {"imagej": 0.8, "ome": 0.5}.get(kind)
+    if expected is None:
+        assert "pixel_size_um" not in movie.attrs
+    else:
+        assert movie.attrs["pixel_size_um"] == pytest.approx(expected)

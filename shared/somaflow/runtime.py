@@ -95,12 +95,21 @@ def check_cluster_option(cluster: str, spec_file: str | None = None) -> None:
         raise ParameterError("--cluster-spec describes a Kubernetes cluster; pass it with --cluster kubernetes.")
 
 
+def _not_shutdown_noise(record: logging.LogRecord) -> bool:
+    """False for the nanny's note that it killed a worker slow to exit while the cluster
+    closes (a busy machine at the end of a successful run: nothing for the user to do)."""
+    return "still alive after" not in record.getMessage()
+
+
 def _quiet_distributed() -> None:
     if not log.isEnabledFor(logging.DEBUG):
         # Prefect's logging config lets distributed's INFO chatter through to the console
         for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
                      "distributed.http.proxy", "distributed.worker", "distributed.deploy.adaptive"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        nanny = logging.getLogger("distributed.nanny")
+        if _not_shutdown_noise not in nanny.filters:
+            nanny.addFilter(_not_shutdown_noise)
 
 
 @contextlib.contextmanager
