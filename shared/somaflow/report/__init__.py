@@ -37,7 +37,7 @@ N_EXAMPLE_TRACES = 12
 #: suffix of a run's report next to its result
 REPORT_SUFFIX = ".report.html"
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("somaflow.report", "templates"),
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("somaflow.report", "."),
                           autoescape=jinja2.select_autoescape(["html", "j2"]),
                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
