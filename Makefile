@@ -9,7 +9,7 @@ DEMO ?= demo
 PRESET ?= 2p-small
 SEED ?= 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,19 +20,25 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/somaflow simulate $(DEMO)/sim --preset $(PRESET) --seed $(SEED) --overwrite
+	@echo "== somaflow simulate $(DEMO)/sim --preset $(PRESET) --seed $(SEED)"
+	@$(BIN)/somaflow simulate $(DEMO)/sim --preset $(PRESET) --seed $(SEED) --overwrite
+	@set -e; eval "$$($(BIN)/python -c "import json; m = json.load(open('$(DEMO)/sim/meta.json')); \
+	    print(f\"fps={m['fps']} modality={m['modality']} radius={m['neuron_radius']}\")")"; \
+	echo "== somaflow run $(DEMO)/sim/movie.tif --out $(DEMO)/result.zarr --fps $$fps --modality $$modality --neuron-radius $$radius"; \
 	$(BIN)/somaflow run $(DEMO)/sim/movie.tif --out $(DEMO)/result.zarr --overwrite \
-	    --fps $$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/sim/meta.json'))['fps'])") \
-	    --modality $$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/sim/meta.json'))['modality'])") \
-	    --neuron-radius $$($(BIN)/python -c "import json; print(json.load(open('$(DEMO)/sim/meta.json'))['neuron_radius'])")
-	$(BIN)/somaflow evaluate $(DEMO)/result.zarr $(DEMO)/sim/ground_truth.zarr
-	@echo "result: $(abspath $(DEMO))/result.zarr"
+	    --fps $$fps --modality $$modality --neuron-radius $$radius
+	@echo "== somaflow evaluate $(DEMO)/result.zarr $(DEMO)/sim/ground_truth.zarr"
+	@$(BIN)/somaflow evaluate $(DEMO)/result.zarr $(DEMO)/sim/ground_truth.zarr
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+docs: $(STAMP)
+	$(BIN)/python docs/gen.py
+	$(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared flows services tests benchmarks
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache site

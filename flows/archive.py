@@ -6,7 +6,9 @@ client; at most ``concurrency`` sessions are in flight. A session that fails is
 recorded with its one-line reason and the others go on. A session whose result
 is complete for the same input and parameters is skipped, an interrupted one
 resumes (see ``flows/session.py``). The summary table is returned and written
-to ``PREFIX/archive_summary.json``.
+to ``PREFIX/archive_summary.json``, and published as a Prefect table artifact
+of the flow run (``somaflow-archive``). Each session's HTML report sits next to
+its result (``PREFIX/SESSION.report.html``).
 
 ``archive_flow`` takes only JSON-able parameters, so it is also the entrypoint
 of the scheduled Kubernetes deployment in ``prefect.yaml``.
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from somaflow_flows.session import session_flow, session_params
@@ -145,6 +148,13 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
                "seconds": round(time.perf_counter() - t0, 2), "summary": summary_url,
                "flow_run_id": str(run_id) if run_id else None}
     write_summary_stage(summary, summary_url)
+    create_table_artifact(
+        [{"session": r["session"], "status": r["status"],
+          "units": f"{r['n_accepted']}/{r['n_units']}" if "n_units" in r else "",
+          "seconds": r["seconds"], "reason": r["reason"] or "", "result": r["result"]} for r in rows],
+        key="somaflow-archive",
+        description=f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed: "
+                    f"{manifest} -> {prefix}")
     return summary
 
 

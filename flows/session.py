@@ -19,7 +19,13 @@ of a finished session does nothing. Layout for ``--out RESULT``:
 * ``RESULT.work/summary.zarr`` and ``images.zarr`` — summary: images of the
   detection movie, mean/max of the corrected movie;
 * ``RESULT.work/units.zarr`` and ``traces.zarr`` — extract: what
-  ``somaflow.extract.find_units`` returns.
+  ``somaflow.extract.find_units`` returns;
+* ``RESULT.report.html`` (``RESULT`` without ``.zarr``) — the HTML report
+  (``somaflow.report``), written after the result, beside it (not inside: the
+  result zarr keeps its schema).
+
+Each computed run publishes two Prefect artifacts on its flow run: a table of
+the result's summary and a link to the report.
 
 Downstream stages always read their inputs back from these stores, so a resumed
 run computes exactly what an uninterrupted one does.
@@ -27,7 +33,9 @@ run computes exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import time
 from typing import Any
 
@@ -35,6 +43,7 @@ import dask
 import numpy as np
 import xarray as xr
 from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from somaflow import provenance, runtime
@@ -52,6 +61,7 @@ from somaflow.preprocess.motion import (
 )
 from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
+from somaflow.report import default_report_url, write_report
 
 
 def stage_outputs(out_url: str) -> dict[str, list[str]]:
@@ -64,6 +74,7 @@ def stage_outputs(out_url: str) -> dict[str, list[str]]:
         "extract": [stores.join(w, "units.zarr"), stores.join(w, "traces.zarr")],
         "classify": [stores.join(w, "verdict.zarr")],
         "write": [stores.normalize_url(out_url)],
+        "report": [default_report_url(out_url)],
     }
 
 
@@ -93,7 +104,9 @@ def ingest_stage(input_url: str, out_url: str, fps: float, modality: str, p: Run
     stage_hash = provenance.stage_hashes(a["source_checksum"], p.model_dump(mode="json"))["ingest"]
     ds = schema.make_movie_dataset(checked(movie), fps=a["fps"], modality=a["modality"], source=a["source"],
                                    source_checksum=a["source_checksum"],
-                                   extra_attrs={"stage_hash": stage_hash, "source_fingerprint": fingerprint})
+                                   extra_attrs={"stage_hash": stage_hash, "source_fingerprint": fingerprint,
+                                                **({"pixel_size_um": a["pixel_size_um"]}
+                                                   if "pixel_size_um" in a else {})})
     return schema.write_movie(ds, stage_outputs(out_url)["ingest"][0], overwrite=True)
 
 
@@ -188,11 +201,39 @@ def write_stage(out_url: str, movie_url: str, images: xr.Dataset, units: xr.Data
         images, units, traces, n_frames=traces.sizes["frame"], params=p.model_dump(),
         source=attrs["source"], source_checksum=attrs["source_checksum"],
         fps=p.fps, modality=p.modality, shifts=np.asarray(motion["shifts"].values, np.float32),
-        extra_attrs=extra,
+        extra_attrs=extra, pixel_size_um=attrs.get("pixel_size_um"),
     )
     if "patch_shifts" in motion:
         ds["patch_shifts"] = motion["patch_shifts"].drop_vars(["axis", "frame"], errors="ignore").astype(np.float32)
     return schema.write_result(ds, out_url, overwrite=overwrite)
+
+
+@task(name="report")
+def report_stage(out_url: str) -> str:
+    """Write the result's HTML report next to it; returns its URL."""
+    return write_report(out_url, stage_outputs(out_url)["report"][0], overwrite=True)
+
+
+def _artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a session."""
+    return "somaflow-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "session")
+
+
+def publish_artifacts(name: str, summary: dict[str, Any]) -> None:
+    """The session's summary table and its report's location, as artifacts of the flow run."""
+    rows = [{"item": "result", "value": summary["result"]},
+            {"item": "units", "value": f"{summary['n_units']} ({summary['n_accepted']} accepted)"},
+            {"item": "frames", "value": summary["n_frames"]},
+            {"item": "motion correction", "value": summary["motion"].get("mode", "")},
+            *({"item": f"{stage} (s)", "value": seconds} for stage, seconds in summary["timings"].items()),
+            *({"item": "out of distribution", "value": w} for w in summary["ood_warnings"]),
+            {"item": "report", "value": summary["report"]}]
+    key = _artifact_key(name)
+    create_table_artifact(rows, key=key, description=f"somaflow result of {name}")
+    report = summary["report"]
+    link = f"file://{report}" if stores.protocol_of(report) == "file" else report
+    create_link_artifact(link, link_text=f"report of {name}", key=f"{key}-report",
+                         description=f"HTML report of {name} (self-contained; open it in a browser)")
 
 
 class _Stages:
@@ -311,9 +352,10 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     if params.classify.classifier != "none":
         units = units.assign(cnn_score=verdict["cnn_score"])
     warnings = [*json.loads(units.attrs.get("ood_warnings", "[]")), *json.loads(verdict.attrs.get("ood_warnings", "[]"))]
-    for w in warnings:
-        plog.warning("[%s] out of distribution: %s", name, w)
+    for w in warnings:  # into the flow run's log; the CLI prints them once, in its summary
+        plog.warning("[%s] out of distribution: %s", name, w, extra={runtime.CONSOLE_FLAG: False})
     record = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stage_hash": hashes["write"],
         "provenance": {
             "parameters": params.model_dump(mode="json"),
@@ -330,7 +372,8 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     }
     stages.run("write", None, [], write_stage, out_url, movie_url, images, units, traces, motion, params,
                stages.timings(), overwrite or plan.status == "incomplete", record)
-    return {
+    stages.run("report", None, [], report_stage, out_url)
+    summary = {
         "result": out_url,
         "status": "done",
         "n_units": int(units.sizes["unit"]),
@@ -341,7 +384,11 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
         "stages": stages.statuses(),
         "flow_run_id": str(run_id) if run_id else None,
         "ood_warnings": warnings,
+        "report": outputs["report"][0],
+        "work": provenance.work_url(out_url),
     }
+    publish_artifacts(name, summary)
+    return summary
 
 
 def resolve_movie_info(input_url: str, fps: float | None, modality: str | None,

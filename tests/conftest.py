@@ -173,3 +173,59 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def prefect_records(env: dict[str, str], flow_run_id: str, wait: float = 15.0) -> tuple[list, list]:
+    """The logs and artifacts the Prefect API at ``env`` holds for one flow run.
+
+    Logs arrive from the run's process in batches: wait up to ``wait`` seconds
+    for the first.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        deadline = time.time() + wait
+        while True:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if logs or time.time() > deadline:
+                break
+            time.sleep(1)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return logs, artifacts
+
+
+@pytest.fixture(scope="session")
+def small_result(make_movie, tmp_path_factory):
+    """A small complete result (from a simulated session's ground truth, with some units
+    rejected, scores spread, timings and an out-of-distribution warning); returns its path."""
+    import json
+
+    import numpy as np
+
+    from somaflow.io import schema
+
+    gt = schema.open_result(str(make_movie(41, n_frames=80) / "ground_truth.zarr")).load()
+    n = gt.sizes["unit"]
+    rng = np.random.default_rng(0)
+    variables = {name: gt[name] for name in schema.RESULT_VARIABLES}
+    variables["score"] = rng.uniform(0.2, 1.0, n).astype(np.float32)
+    variables["accepted"] = variables["score"] > 0.4
+    variables["snr"] = gt["snr"]
+    variables["kind"] = ("unit", np.array(["cnmf", "morphology"])[np.arange(n) % 2])
+    ds = schema.make_result_dataset(
+        variables, params={"fps": gt.attrs["fps"], "method": "cnmf", "traces": {"a": 1}},
+        source="sim <movie>.tif", source_checksum="blake2b:0", fps=gt.attrs["fps"], modality="2p",
+        extra_attrs={"timings": {"motion": 1.5, "extract": 3.25}, "method": "cnmf", "motion_mode": "rigid",
+                     "ood_warnings": json.dumps(["noise level 0.7 is above the training range 0.02–0.24"]),
+                     "created": "2026-01-02T03:04:05+00:00"})
+    url = str(tmp_path_factory.mktemp("result") / "small.zarr")
+    schema.write_result(ds, url)
+    return url

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import prefect_records, run_cli
 from somaflow.errors import InputError, ParameterError
 from somaflow.io import schema
 from somaflow.manifest import merge_overrides, parse_manifest, read_manifest, with_defaults
@@ -120,6 +120,10 @@ def test_archive_with_a_broken_session(make_movie, tmp_path, prefect_api):
     assert used["traces"]["neuropil_coefficient"] == 0.6 and used["preprocess"]["motion"]["mode"] == "none"
     assert json.loads((out / "archive_summary.json").read_text()) == summary
     assert "Prefect flow run" in first.stderr and "Dask dashboard" in first.stderr
+    assert all((out / f"{s}.report.html").is_file() for s in ("s0", "s1", "s2", "s3"))
+    _, artifacts = prefect_records(prefect_api, summary["flow_run_id"], wait=0)
+    table = next(a for a in artifacts if a.key == "somaflow-archive")
+    assert table.type == "table" and "broken" in str(table.data) and "failed" in str(table.data)
 
     # the second pass skips every finished session and still reports the broken one
     mtimes = {s: (out / f"{s}.zarr" / "zarr.json").stat().st_mtime for s in ("s0", "s1", "s2", "s3")}

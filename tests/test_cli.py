@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import run_cli
+from conftest import prefect_records, run_cli
 from somaflow.io import schema, stores
 
 
@@ -71,6 +71,21 @@ def test_run_and_evaluate_local(sim_dir, tmp_path, prefect_api):
     m = json.loads(run_cli("evaluate", str(out), str(sim_dir / "ground_truth.zarr"), "--json").stdout)
     assert np.isfinite(m["f1"]) and 0.0 <= m["f1"] <= 1.0
     assert m["n_pred"] == int(ds["accepted"].sum())
+    text = run_cli("evaluate", str(out), str(sim_dir / "ground_truth.zarr")).stdout
+    assert "global offset: searched up to 20 px" in text and "median -" not in text
+    # the report sits beside the result, and the summary says where the intermediates are
+    report = tmp_path / "result.report.html"
+    assert summary["report"] == str(report) and report.is_file() and "Example traces" in report.read_text()
+    assert summary["work"] == str(out) + ".work" and summary["work_bytes"] > 0
+    assert "labels" in ds and ds["time"].attrs["units"] == "s"
+    # Prefect: the stage lines are the flow run's logs, and the run published its artifacts
+    logs, artifacts = prefect_records(prefect_api, summary["flow_run_id"])
+    messages = [rec.message for rec in logs]
+    assert any("extract: done in" in msg for msg in messages), messages
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"somaflow-result-zarr", "somaflow-result-zarr-report"}, by_key
+    assert by_key["somaflow-result-zarr"].type == "table" and str(report) in str(by_key["somaflow-result-zarr"].data)
+    assert str(report) in str(by_key["somaflow-result-zarr-report"].data)  # a link artifact
     # a second run without --overwrite refuses and leaves the result alone
     again = run_cli("run", str(sim_dir / "movie.tif"), "--out", str(out), "--fps", "10", check=False,
                     env=prefect_api)
@@ -78,6 +93,12 @@ def test_run_and_evaluate_local(sim_dir, tmp_path, prefect_api):
     assert "already exists" in again.stderr and "--overwrite" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert schema.is_complete(str(out))
+
+
+def test_run_help_says_what_fps_and_radius_to_use():
+    text = " ".join(run_cli("run", "--help").stdout.split())
+    assert "half a cell body's diameter" in text and "--fps 7 --neuron-radius 5" in text
+    assert "default 5 for 2p" in text
 
 
 def test_run_on_s3(sim_dir, s3_bucket, s3_server, prefect_api):

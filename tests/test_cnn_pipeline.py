@@ -227,7 +227,7 @@ def test_second_pass_is_skipped_on_movies_noisier_than_the_training_data(caplog)
 
     assert _second_pass(post, stats(0.2), meta, "stneuronet") == post  # inside: kept
     assert _second_pass(post, stats(0.3), meta, "stneuronet") == post  # within the x1.5 margin
-    with caplog.at_level("WARNING", logger="somaflow.detect.cnn"):
+    with caplog.at_level("INFO", logger="somaflow.detect.cnn"):
         off = _second_pass(post, stats(0.72), meta, "stneuronet")  # Neurofinder 00's level
     assert off.rescue_threshold is None and off.threshold == 0.85
     assert "no second pass" in caplog.text and "noise level" in caplog.text

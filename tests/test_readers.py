@@ -271,6 +271,8 @@ def write_nwb(
         indicator="GCaMP6",
         location="V1",
         imaging_rate=rate,
+        grid_spacing=[1.2e-6, 1.2e-6],
+        grid_spacing_unit="meters",
     )
     classes = {"TwoPhotonSeries": TwoPhotonSeries, "OnePhotonSeries": OnePhotonSeries}
     for name, data in series.items():
@@ -287,6 +289,7 @@ def test_nwb_two_photon_series(tmp_path, movie):
     write_nwb(path, {"TwoPhotonSeries": movie}, rate=30.0)
     m = open_input(str(path), frames_per_chunk=4)
     assert m.attrs["fps"] == 30.0
+    assert m.attrs["pixel_size_um"] == pytest.approx(1.2)  # the imaging plane's grid spacing
     assert m.attrs["dataset"] == "/acquisition/TwoPhotonSeries/data"
     assert_lazy_movie(m, movie, "nwb", 4)
 

@@ -241,7 +241,7 @@ def test_changed_parameters(session, reference, tmp_path, prefect_api):
     summary = json.loads(run_cli("run", movie, "--out", str(out), "--fps", "10", "--params", str(params),
                                  "--cluster", "local", "--workers", "2", "--json", env=prefect_api).stdout)
     assert summary["stages"] == {"ingest": "skipped", "motion": "skipped", "summary": "skipped",
-                                 "extract": "ran", "classify": "ran", "write": "ran"}
+                                 "extract": "ran", "classify": "ran", "write": "ran", "report": "ran"}
     new, ref = schema.open_result(str(out)), schema.open_result(str(reference))
     np.testing.assert_array_equal(new["masks"].values, ref["masks"].values)
     assert not np.allclose(new["dff"].values, ref["dff"].values)

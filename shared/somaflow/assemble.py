@@ -118,6 +118,7 @@ def assemble_result(
     modality: str,
     shifts: np.ndarray | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
+    pixel_size_um: float | None = None,
 ) -> xr.Dataset:
     """Build the result dataset of CONTRACT.md.
 
@@ -133,6 +134,8 @@ def assemble_result(
         ``traces``, ``dff``, ``spikes`` (unit, frame), optionally ``snr`` (unit).
     shifts : numpy.ndarray, optional
         (frame, 2) motion estimate in pixels; zeros when no motion correction ran.
+    pixel_size_um : float, optional
+        Pixel side in micrometres when the input recorded it.
     """
     masks = units["masks"].astype(bool)
     n = masks.sizes["unit"]
@@ -168,5 +171,5 @@ def assemble_result(
     attrs.update(extra_attrs or {})
     return make_result_dataset(
         variables, params=params, source=source, source_checksum=source_checksum,
-        fps=fps, modality=modality, extra_attrs=attrs,
+        fps=fps, modality=modality, extra_attrs=attrs, pixel_size_um=pixel_size_um,
     )

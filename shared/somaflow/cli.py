@@ -96,7 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         plan = provenance.plan_run(args.input, out, params.model_dump(mode="json"),
                                    movie_url=stage_outputs(out)["ingest"][0], work_url=work)
         if plan.status == "done":
+            from somaflow.report import default_report_url
+
             summary = provenance.result_summary(out)
+            if stores.exists(default_report_url(out)):
+                summary["report"] = default_report_url(out)
             if not args.json:
                 print(f"{out}: already done (skipped): complete for the same input, parameters and "
                       "somaflow version; pass --overwrite to recompute", file=sys.stderr)
@@ -109,6 +113,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = session_flow(args.input, out, params, overwrite=args.overwrite)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["frames_per_second"] = round(summary["n_frames"] / max(summary["seconds"], 1e-9), 1)
+    if summary.get("work"):
+        fs, path = stores.filesystem(summary["work"])
+        summary["work_bytes"] = int(fs.du(path)) if fs.exists(path) else 0
     _emit(args, summary, _format_run)
     return 0
 
@@ -125,8 +132,27 @@ def _format_run(d: dict[str, Any]) -> str:
         lines.append(f"motion correction: {m['mode']}{dev}")
     if d.get("status") != "skipped":
         lines.append(f"time: {d['seconds']} s ({d['frames_per_second']} frames/s; {stages})")
-    lines += [f"warning: out of distribution: {w}" for w in d.get("ood_warnings") or []]
+    if d.get("report"):
+        lines.append(f"report: {d['report']}")
+    if d.get("work"):
+        size = f" ({_human_bytes(d['work_bytes'])})" if d.get("work_bytes") is not None else ""
+        lines.append(f"intermediates: {d['work']}{size}: they let a rerun resume or reuse unchanged stages; "
+                     "delete the folder once you are done with this session")
+    warnings = d.get("ood_warnings") or []
+    if warnings:
+        lines.append(f"warning: the movie is out of the training distribution of a model ({len(warnings)}); check "
+                     "the units in the report, or fine-tune the model on labelled sessions like this one "
+                     "(somaflow train MODEL --init default --data ...):")
+        lines += [f"  - {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -227,6 +253,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from somaflow.io import guard
+    from somaflow.report import default_report_url, write_report
+
+    out = args.out or default_report_url(args.result)
+    guard.check_output_apart(out, [args.result, args.ground_truth])
+    t0 = time.perf_counter()
+    url = write_report(args.result, out, ground_truth=args.ground_truth, overwrite=args.overwrite)
+    _emit(args, {"out": url, "seconds": round(time.perf_counter() - t0, 2)},
+          lambda d: f"wrote {d['out']} (open it in a browser)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from somaflow.io import guard
+    from somaflow.io.nwb_export import NwbMetadata, export_nwb
+
+    guard.check_output_apart(args.nwb, [args.result, args.metadata], what="--nwb", fix="Choose an --nwb outside every input.")
+    meta = NwbMetadata.from_yaml(args.metadata)
+    t0 = time.perf_counter()
+    url = export_nwb(args.result, args.nwb, metadata=meta, overwrite=args.overwrite)
+    _emit(args, {"out": url, "seconds": round(time.perf_counter() - t0, 2), "subject": meta.subject is not None},
+          lambda d: f"wrote {d['out']} in {d['seconds']} s" + (
+              "" if d["subject"] else "\nnote: no subject given: NWB's best practices (nwbinspector) ask for one; "
+                                      "add subject: {subject_id, species, sex, age} to a --metadata file"))
+    return 0
+
+
 # ----------------------------------------------------------------------------- plumbing
 
 
@@ -283,12 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("run", help="run the whole pipeline on one session (Prefect flow on Dask)")
+    s = sub.add_parser(
+        "run", help="run the whole pipeline on one session (Prefect flow on Dask)",
+        description="Run the whole pipeline on one session as a Prefect flow on a Dask cluster: ingest, "
+                    "motion correction, summary images, source extraction, classification, traces and "
+                    "spikes. Writes RESULT_URL (a zarr), its HTML report RESULT.report.html beside it, and "
+                    "keeps the intermediates in RESULT_URL.work so that a rerun resumes.",
+        epilog="Two numbers matter most and only you know them: the frame rate (--fps; TIFFs rarely "
+               "record it) and the soma radius in pixels (--neuron-radius: half the diameter of a typical "
+               "cell body in the movie, e.g. 5 for somata 10-12 px across). Example, the Neurofinder "
+               "excerpt in ../shared/data/neurofinder_left (7 Hz, somata ~10-12 px): somaflow run "
+               "movie.tif --fps 7 --neuron-radius 5 --out nf.zarr")
     s.add_argument("input", metavar="INPUT", help="any supported movie file or a movie zarr")
     s.add_argument("--out", required=True, metavar="RESULT_URL", help="result zarr to write")
-    s.add_argument("--fps", type=float, help="frame rate in Hz (required when the file does not record it)")
+    s.add_argument("--fps", type=float,
+                   help="frame rate in Hz (required when the file does not record it: most TIFFs do not)")
     s.add_argument("--modality", choices=["2p", "1p"], help="imaging modality (default 2p)")
-    s.add_argument("--neuron-radius", type=float, metavar="PX", help="typical soma radius in pixels")
+    s.add_argument("--neuron-radius", type=float, metavar="PX",
+                   help="typical soma radius in pixels: half a cell body's diameter (default 5 for 2p, "
+                        "6 for 1p; the defaults of every stage scale with it)")
     s.add_argument("--params", metavar="FILE.yaml", help="YAML overrides of any stage parameter")
     s.add_argument("--method", choices=list(METHODS),
                    help=f"source extraction method (default {METHODS[0]})")
@@ -374,12 +441,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    s = sub.add_parser("evaluate", help="score a result against ground truth")
+    s = sub.add_parser(
+        "report", help="write a self-contained HTML report of a result",
+        description="Write one self-contained HTML file (figures embedded): the summary images with every "
+                    "unit's outline coloured by score, accepted vs rejected, example traces with their "
+                    "spikes, motion shifts, stage timings, parameters, out-of-distribution warnings and, "
+                    "with --ground-truth, the evaluation table. `somaflow run` writes one next to every "
+                    "result.")
+    s.add_argument("result", metavar="RESULT_URL", help="result zarr")
+    s.add_argument("--out", metavar="REPORT.html",
+                   help="HTML file to write (default: RESULT.report.html next to the result)")
+    s.add_argument("--ground-truth", metavar="GROUND_TRUTH_URL",
+                   help="add the evaluation against this ground truth (as `somaflow evaluate` takes it)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser(
+        "export", help="write a result as NWB (PlaneSegmentation, RoiResponseSeries)",
+        description="Write the result as an NWB file (pynwb): the units' masks and footprints as a "
+                    "PlaneSegmentation, traces / dF/F / spikes as RoiResponseSeries, the summary images, "
+                    "the motion shifts and the parameters; readable by pynwb and roiextractors.",
+        epilog="--metadata: a YAML file with what the result does not know, e.g. session_start_time: "
+               "2024-05-02T10:31:00+02:00, experimenter: ['Doe, Jane'], institution: ..., subject: "
+               "{subject_id: m12, species: Mus musculus, sex: F, age: P90D}, imaging_plane: {indicator: "
+               "GCaMP6s, location: VISp, excitation_lambda: 920, emission_lambda: 510}.")
+    s.add_argument("result", metavar="RESULT_URL", help="result zarr")
+    s.add_argument("--nwb", required=True, metavar="OUT.nwb", help="NWB file to write")
+    s.add_argument("--metadata", metavar="FILE.yaml", help="session, subject and imaging-plane metadata")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "evaluate", help="score a result against ground truth",
+        description="Precision, recall and F1 of the result's accepted units against ground truth in three "
+                    "conventions (IoU >= 0.5 with Hungarian matching; CaImAn's; neurofinder's), and the "
+                    "correlation of matched units' traces and spikes. A global integer offset between the "
+                    "two mask sets (up to 20 px) is searched for and undone when it adds matches; the "
+                    "output says so. --no-offset turns that off.")
     s.add_argument("result", metavar="RESULT_URL", help="result zarr")
     s.add_argument("ground_truth", metavar="GROUND_TRUTH_URL",
                    help="result zarr, Neurofinder regions.json, or .npz with masks")
     s.add_argument("--iou", type=float, default=0.5, help="IoU threshold of the main convention (default 0.5)")
-    s.add_argument("--no-offset", action="store_true", help="do not search for a global offset")
+    s.add_argument("--no-offset", action="store_true",
+                   help="do not search for a global offset between the mask sets (searched by default)")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     s.set_defaults(func=cmd_evaluate)
     return p

@@ -24,14 +24,22 @@ log = logging.getLogger(__name__)
 #: logger of the stage start/end lines the CLI prints on stderr
 PROGRESS_LOGGER = "somaflow.progress"
 
-#: environment defaults that keep Prefect's ephemeral mode offline, quiet and patient
+#: environment defaults that keep Prefect's ephemeral mode offline, quiet and patient, and
+#: send somaflow's logs (stage progress, library warnings) to the flow run's log in the
+#: Prefect API: Prefect attaches its API handler to the "extra loggers"; a log record
+#: outside a flow or task run (a Dask worker's, a script's) is not sent, silently
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_UI_ENABLED": "false",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "somaflow,somaflow.progress",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
+
+#: a log record with ``extra={CONSOLE_FLAG: False}`` goes to Prefect's run log but not to the
+#: console (the CLI prints it once, in its summary)
+CONSOLE_FLAG = "somaflow_console"
 
 #: the ``--cluster`` values besides a scheduler address
 CLUSTER_KINDS = ("local", "threads", "kubernetes")
@@ -51,6 +59,10 @@ def configure_prefect_env(debug: bool = False) -> None:
 
     With ``PREFECT_API_URL`` set (``prefect server start`` or Prefect Cloud),
     every run and every worker reports to that one server instead.
+
+    Logs of the ``somaflow`` loggers emitted inside a flow or task run go to
+    that run's log in the Prefect API (the flow run's page in the UI), the
+    stage progress lines included.
     """
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if debug else "CRITICAL")
     for key, value in PREFECT_DEFAULTS.items():
@@ -83,12 +95,21 @@ def check_cluster_option(cluster: str, spec_file: str | None = None) -> None:
         raise ParameterError("--cluster-spec describes a Kubernetes cluster; pass it with --cluster kubernetes.")
 
 
+def _not_shutdown_noise(record: logging.LogRecord) -> bool:
+    """False for the nanny's note that it killed a worker slow to exit while the cluster
+    closes (a busy machine at the end of a successful run: nothing for the user to do)."""
+    return "still alive after" not in record.getMessage()
+
+
 def _quiet_distributed() -> None:
     if not log.isEnabledFor(logging.DEBUG):
         # Prefect's logging config lets distributed's INFO chatter through to the console
         for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
                      "distributed.http.proxy", "distributed.worker", "distributed.deploy.adaptive"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        nanny = logging.getLogger("distributed.nanny")
+        if _not_shutdown_noise not in nanny.filters:
+            nanny.addFilter(_not_shutdown_noise)
 
 
 @contextlib.contextmanager
@@ -162,8 +183,23 @@ class _ProgressState:
 
 
 def progress_logger() -> logging.Logger:
-    """The logger flows write stage start/end lines to (no handler unless the CLI adds one)."""
-    return logging.getLogger(PROGRESS_LOGGER)
+    """The logger flows write stage start/end lines to.
+
+    It does not propagate: its records reach the console only through
+    :func:`console_progress`'s handler, and the Prefect API through the handler
+    Prefect attaches to it (``PREFECT_LOGGING_EXTRA_LOGGERS`` in
+    :data:`PREFECT_DEFAULTS`). Inside a flow or task run they become the run's
+    log lines in the Prefect UI.
+    """
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return logger
+
+
+def _on_console(record: logging.LogRecord) -> bool:
+    return bool(getattr(record, CONSOLE_FLAG, True))
 
 
 @contextlib.contextmanager
@@ -183,18 +219,17 @@ def console_progress(stream: TextIO | None = None, bars: bool | None = None) -> 
     logger = progress_logger()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    old = (logger.level, logger.propagate)
+    handler.addFilter(_on_console)
+    old = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
     _ProgressState.bars = stream.isatty() if bars is None else bars
     _ProgressState.stream = stream
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(old[0])
-        logger.propagate = old[1]
+        logger.setLevel(old)
         _ProgressState.bars = False
         _ProgressState.stream = None
 

@@ -155,7 +155,8 @@ def _second_pass(post: PostprocessParams, stats: xr.Dataset, meta: dict[str, Any
     outside = out_of_distribution(now, _json(meta.get("input_stats")) or {})
     if not outside:
         return post
-    log.warning("%s: no second pass at probability %.2g: %s", method, post.rescue_threshold, outside[0])
+    # the cause is in the units' ood_warnings, the skip in their "cnn" attr (rescue_threshold null)
+    log.info("%s: no second pass at probability %.2g: %s", method, post.rescue_threshold, outside[0])
     return post.model_copy(update={"rescue_threshold": None})
 
 
@@ -278,8 +279,8 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         rate = (functools.partial(detection_rate, modality=now.get("modality") or "2p")
                 if method in IMAGE_DETECTORS else None)
         warnings = out_of_distribution(now, _json(meta.get("input_stats")) or {}, rate=rate)
-        for w in warnings:
-            log.warning("%s: %s", method, w)
+        for w in warnings:  # returned in the ood_warnings attr: the caller reports them
+            log.info("%s: %s", method, w)
     units.attrs["ood_warnings"] = json.dumps(warnings)
     units.attrs["cnn"] = json.dumps({"model": method, "weights": weights, "threshold": thr, "views": p.views(method),
                                      "rescue_threshold": post.rescue_threshold})

@@ -318,19 +318,28 @@ def format_report(metrics: dict[str, Any]) -> str:
     )
     dy, dx = metrics["offset"]
     ey, ex = metrics["offset_estimated"]
-    if (dy, dx) != (0, 0):
-        lines.append(f"offset undone: prediction shifted by dy={dy}, dx={dx} px")
+    params = metrics.get("params", {})
+    searched = f"searched up to {params.get('max_shift', 20)} px"
+    if not params.get("allow_offset", True):
+        lines.append("global offset: not searched (--no-offset)")
+    elif (dy, dx) != (0, 0):
+        lines.append(f"global offset: {searched}; undone by shifting the prediction dy={dy}, dx={dx} px "
+                     "(--no-offset scores without it)")
     elif (ey, ex) != (0, 0):
-        lines.append(f"offset: estimated dy={ey}, dx={ex} px, not applied (no gain)")
+        lines.append(f"global offset: {searched}; dy={ey}, dx={ex} px found but not applied (no more matches)")
     else:
-        lines.append("offset: none")
+        lines.append(f"global offset: {searched}; none found")
     tc, sc = metrics["trace_correlation"], metrics["spike_correlation"]
-    lines.append(
-        f"trace correlation: median {_fmt(tc['median'])}, mean {_fmt(tc['mean'])} (n={tc['n']})"
-    )
-    lines.append(
-        f"spike correlation (Gaussian sigma {sc.get('sigma_frames', '-')} frames): "
-        f"median {_fmt(sc['median'])} (n={sc['n']})"
-    )
+    if tc["n"]:
+        lines.append(
+            f"trace correlation of matched units: median {_fmt(tc['median'])}, mean {_fmt(tc['mean'])} (n={tc['n']})"
+        )
+    else:
+        lines.append("trace correlation: not computed (no matched pair with a trace on both sides; see the notes)")
+    if sc["n"]:
+        lines.append(
+            f"spike correlation (Gaussian sigma {sc.get('sigma_frames', '-')} frames): "
+            f"median {_fmt(sc['median'])} (n={sc['n']})"
+        )
     lines.extend(f"note: {n}" for n in metrics.get("notes", []))
     return "\n".join(lines)

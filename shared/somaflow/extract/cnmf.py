@@ -1164,8 +1164,8 @@ def cnmf_units(
             lm = detect_cnn(corrected, images, detector, p.cnn, p.neuron_radius)
             notes = json.loads(lm.attrs.get("ood_warnings", "[]"))
             if notes and cp.morphology == "auto":
-                log.warning("CNMF morphology units from local maxima, not %s: the movie is outside its "
-                            "training distribution (%s)", detector, "; ".join(notes))
+                log.info("CNMF morphology units from local maxima, not %s: the movie is outside its "
+                         "training distribution (%s)", detector, "; ".join(notes))
                 notes = [f"cnmf.morphology auto: used local-maxima, not {detector}: {n}" for n in notes]
                 lm, detector, fell_back = None, "local-maxima", True
             else:

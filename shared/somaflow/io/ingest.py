@@ -78,6 +78,8 @@ def load_movie(
         "source": attrs.get("source", url),
         "source_checksum": checksum,
     }
+    if attrs.get("pixel_size_um"):  # recorded by the file (OME/ImageJ TIFF, NWB imaging plane)
+        movie.attrs["pixel_size_um"] = float(attrs["pixel_size_um"])
     return movie
 
 
@@ -149,6 +151,7 @@ def ingest(
     ds = make_movie_dataset(
         checked(movie), fps=a["fps"], modality=a["modality"], source=a["source"],
         source_checksum=a["source_checksum"],
+        extra_attrs={"pixel_size_um": a["pixel_size_um"]} if "pixel_size_um" in a else None,
     )
     log.info("ingesting %s -> %s (%s frames of %sx%s)", url, out_url, *movie.shape)
     return write_movie(ds, out_url, overwrite=overwrite, storage_options=storage_options)

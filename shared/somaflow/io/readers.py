@@ -667,6 +667,38 @@ def _tiff_fps(tif: Any) -> float | None:
     return None
 
 
+#: micrometres per unit of a recorded pixel size
+_LENGTH_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
+                 "\\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6, "meters": 1e6, "metres": 1e6}
+
+
+def _pixel_size_um(value: Any, unit: str) -> float | None:
+    """A positive, finite pixel side in µm from ``value`` in ``unit``; None if either is unusable."""
+    scale = _LENGTH_UNITS.get(str(unit).strip().lower())
+    size = _positive_fps(value)  # any positive finite number
+    return size * scale if size is not None and scale is not None else None
+
+
+def _tiff_pixel_size(tif: Any) -> float | None:
+    """The pixel side (µm) an OME or ImageJ TIFF records (square pixels only), else None."""
+    if tif.is_ome and tif.ome_metadata:
+        with contextlib.suppress(ET.ParseError, ValueError):
+            for el in ET.fromstring(tif.ome_metadata).iter():
+                if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
+                    x = _pixel_size_um(el.attrib["PhysicalSizeX"], el.attrib.get("PhysicalSizeXUnit", "µm"))
+                    y = _pixel_size_um(el.attrib.get("PhysicalSizeY", el.attrib["PhysicalSizeX"]),
+                                       el.attrib.get("PhysicalSizeYUnit", "µm"))
+                    return x if x is not None and y is not None and math.isclose(x, y, rel_tol=1e-3) else None
+    if tif.is_imagej and tif.imagej_metadata and "unit" in tif.imagej_metadata:
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
+            tags = tif.pages[0].tags
+            (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value  # pixels per unit
+            x = _pixel_size_um(xd / xn, tif.imagej_metadata["unit"])
+            y = _pixel_size_um(yd / yn, tif.imagej_metadata["unit"])
+            return x if x is not None and y is not None and math.isclose(x, y, rel_tol=1e-3) else None
+    return None
+
+
 _TIFF_AXIS_LETTERS = {
     "T": "t",
     "I": "t",
@@ -709,6 +741,7 @@ def _open_tiff(
                 and tuple(series.keyframe.shape) == shape[1:]
             )
             fps = _tiff_fps(tif)
+            pixel_size = _tiff_pixel_size(tif)
     except SomaflowError:
         raise
     except Exception as exc:  # tifffile raises many kinds on malformed files
@@ -722,7 +755,10 @@ def _open_tiff(
     hint += (
         f", e.g. --axes {guess!r})" if len(set(guess)) == len(guess) and "?" not in guess else ")"
     )
-    return src, ({"fps": fps} if fps else {}), hint
+    attrs = {"fps": fps} if fps else {}
+    if pixel_size:
+        attrs["pixel_size_um"] = pixel_size
+    return src, attrs, hint
 
 
 def _open_tiff_folder(
@@ -917,6 +953,13 @@ def _open_nwb(
                 fps = 1.0 / step if step > 0 else None
             if fps is not None:
                 attrs["fps"] = fps
+            plane = group.get("imaging_plane")
+            if plane is not None and "grid_spacing" in plane:
+                spacing = np.asarray(plane["grid_spacing"][()], np.float64).ravel()
+                unit = _attr_str(plane["grid_spacing"].attrs.get("unit", "meters"))
+                sizes = [_pixel_size_um(v, unit) for v in spacing[:2]]
+                if len(sizes) == 2 and None not in sizes and math.isclose(sizes[0], sizes[1], rel_tol=1e-3):
+                    attrs["pixel_size_um"] = sizes[0]
     except SomaflowError:
         raise
     except (OSError, ValueError) as exc:

@@ -9,6 +9,15 @@ Result: ``masks`` (unit, y, x) bool, ``footprints`` (unit, y, x) float32,
 (y, x) float32, ``shifts`` (frame, axis) float32; attrs ``somaflow_version``,
 ``params`` (JSON), ``source``, ``source_checksum``, ``fps``, ``modality`` and
 ``complete`` = true, written last.
+
+For other tools every result also carries (:func:`make_result_dataset`):
+coordinates ``unit`` (unit ids 0..n-1), ``frame`` and ``time`` (frame times in
+seconds), ``y`` / ``x`` (pixels), ``axis`` (``"y"``, ``"x"``); ``units`` and
+``long_name`` attrs on every documented variable; a ``labels`` (y, x) int32
+label image (0 = background, unit id + 1 elsewhere, napari's labels layer);
+``pixel_size_um`` when the input recorded it. Strings are stored as zarr v3's
+variable-length UTF-8 ``string`` data type, never as fixed-length UTF-32 (which
+has no zarr v3 specification).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
@@ -46,6 +56,32 @@ RESULT_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "shifts": (("frame", "axis"), "float32"),
 }
 RESULT_ATTRS = ("somaflow_version", "params", "source", "source_checksum", "fps", "modality")
+
+#: ``units`` and ``long_name`` of the result's variables and coordinates (CF-style attrs);
+#: "a.u." is the movie's intensity scale, "1" a dimensionless number
+VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "masks": {"units": "1", "long_name": "binary mask of each unit"},
+    "footprints": {"units": "1", "long_name": "spatial footprint of each unit (weights, max 1)"},
+    "traces": {"units": "a.u.", "long_name": "denoised calcium activity"},
+    "dff": {"units": "1", "long_name": "dF/F"},
+    "spikes": {"units": "a.u.", "long_name": "deconvolved activity (trace units per frame)"},
+    "accepted": {"units": "1", "long_name": "final verdict: the unit is a neuron"},
+    "score": {"units": "1", "long_name": "confidence that the unit is a neuron, in [0, 1]"},
+    "snr": {"units": "1", "long_name": "signal-to-noise ratio of the unit's trace"},
+    "mean_image": {"units": "a.u.", "long_name": "mean of the motion-corrected movie"},
+    "max_image": {"units": "a.u.", "long_name": "maximum of the motion-corrected movie"},
+    "correlation_image": {"units": "1", "long_name": "correlation of each pixel with its neighbours"},
+    "std_image": {"units": "a.u.", "long_name": "standard deviation of the detection movie"},
+    "pnr_image": {"units": "1", "long_name": "peak-to-noise ratio of the detection movie"},
+    "shifts": {"units": "pixel", "long_name": "estimated motion (y, x) of each frame"},
+    "labels": {"units": "1", "long_name": "label image: 0 background, unit id + 1 inside a mask"},
+    "unit": {"units": "1", "long_name": "unit id"},
+    "frame": {"units": "1", "long_name": "frame index"},
+    "time": {"units": "s", "long_name": "frame time from the first frame"},
+    "y": {"units": "pixel", "long_name": "row"},
+    "x": {"units": "pixel", "long_name": "column"},
+    "axis": {"long_name": "motion axis"},
+}
 
 
 def _zarr_kwargs(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -138,12 +174,16 @@ def write_dataset(
 ) -> str:
     """Write any dataset to a zarr v3 store atomically and mark it ``complete``.
 
-    Used for movies, results and a run's intermediates. String coordinates
-    (no stable zarr v3 dtype) are dropped; encodings are reset so the dask
-    chunks become the zarr chunks.
+    Used for movies, results and a run's intermediates. Fixed-length unicode
+    arrays are written as variable-length UTF-8 strings (zarr v3's ``string``
+    data type; fixed-length UTF-32 has no zarr v3 specification); encodings
+    are reset so the dask chunks become the zarr chunks.
     """
     url = stores.normalize_url(url)
-    ds = ds.drop_vars([c for c in ds.coords if ds[c].dtype.kind in "UO"])
+    ds = ds.copy()
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(np.dtypes.StringDType())
     ds.attrs.pop("complete", None)
     for v in ds.variables.values():
         v.encoding = {}
@@ -191,6 +231,7 @@ def make_result_dataset(
     fps: float,
     modality: str,
     extra_attrs: Mapping[str, Any] | None = None,
+    pixel_size_um: float | None = None,
 ) -> xr.Dataset:
     """Assemble a result-schema dataset from arrays and validate it.
 
@@ -200,9 +241,19 @@ def make_result_dataset(
         At least every name in :data:`RESULT_VARIABLES`; values are numpy/dask
         arrays in the documented dims, or DataArrays. Extra variables (``snr``,
         ``cnn_probability`` ...) are kept if they are DataArrays or (dims, data)
-        tuples.
+        tuples. ``labels`` (y, x) is computed from ``masks`` and ``score``
+        (:func:`label_image`) unless given.
     params : mapping
         Every parameter used; stored as a JSON string.
+    pixel_size_um : float, optional
+        Side of a pixel in micrometres, when the input recorded it; stored in
+        the ``pixel_size_um`` attr of the dataset and of ``y`` and ``x``.
+
+    Returns
+    -------
+    xarray.Dataset
+        The variables with coordinates ``unit``, ``frame``, ``time`` (s),
+        ``y``, ``x``, ``axis`` and the attrs of :data:`VARIABLE_ATTRS`.
     """
     data_vars: dict[str, Any] = {}
     for name, value in variables.items():
@@ -224,9 +275,81 @@ def make_result_dataset(
         "modality": modality,
     }
     attrs.update(extra_attrs or {})
+    if pixel_size_um is not None:
+        attrs["pixel_size_um"] = float(pixel_size_um)
     ds = xr.Dataset(data_vars, attrs=attrs)
     validate_result(ds)
+    if "labels" not in ds:
+        ds["labels"] = (("y", "x"), label_image(ds["masks"].data, ds["score"].data))
+    return annotate_result(ds)
+
+
+def annotate_result(ds: xr.Dataset) -> xr.Dataset:
+    """Coordinates and ``units`` / ``long_name`` attrs of a result (module docstring).
+
+    ``time`` is ``frame / fps`` in seconds; ``y`` and ``x`` carry the
+    ``pixel_size_um`` attr when the dataset has one.
+    """
+    coords: dict[str, Any] = {}
+    for dim in ("unit", "frame", "y", "x"):
+        if dim in ds.dims:
+            coords[dim] = np.arange(ds.sizes[dim], dtype=np.int32 if dim == "unit" else np.int64)
+    if "frame" in ds.dims:
+        coords["time"] = ("frame", np.arange(ds.sizes["frame"]) / float(ds.attrs["fps"]))
+    if "axis" in ds.dims and ds.sizes["axis"] == 2:
+        coords["axis"] = np.array(["y", "x"], dtype=np.dtypes.StringDType())
+    ds = ds.assign_coords(coords)
+    for name in ds.variables:
+        ds[name].attrs.update(VARIABLE_ATTRS.get(str(name), {}))
+    if "pixel_size_um" in ds.attrs:
+        for dim in ("y", "x"):
+            ds[dim].attrs["pixel_size_um"] = ds.attrs["pixel_size_um"]
     return ds
+
+
+def label_image(masks: Any, score: Any) -> Any:
+    """One label image of all units' masks.
+
+    Parameters
+    ----------
+    masks : numpy.ndarray or dask.array.Array
+        (unit, y, x) bool.
+    score : array_like
+        (unit,) float; where masks overlap, the unit with the higher score wins
+        (equal scores: the lower unit id).
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        (y, x) int32: 0 outside every mask, unit id + 1 inside one. Lazy when
+        ``masks`` is a dask array.
+    """
+    n, ny, nx = masks.shape
+    score = np.asarray(score, np.float64)
+    order = np.lexsort((-np.arange(n), score))  # ascending priority: the last one wins
+    rank = np.empty(n, np.int32)
+    rank[order] = np.arange(1, n + 1, dtype=np.int32)
+    lut = np.zeros(n + 1, np.int32)
+    lut[rank] = np.arange(1, n + 1, dtype=np.int32)
+    if not isinstance(masks, da.Array):
+        return lut[_top_rank(np.asarray(masks, bool), rank)]
+    if n == 0:
+        return da.zeros((ny, nx), dtype=np.int32)
+    masks = masks.rechunk({1: -1, 2: -1})
+    bounds = np.cumsum((0, *masks.chunks[0]))
+    tops = [
+        da.from_delayed(dask.delayed(_top_rank)(block, rank[lo:hi]), shape=(ny, nx), dtype=np.int32)
+        for block, lo, hi in zip(masks.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
+    ]
+    return da.stack(tops).max(axis=0).map_blocks(lambda b: lut[b], dtype=np.int32)
+
+
+def _top_rank(masks: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """(y, x) the highest ``rank`` of the masks covering each pixel, 0 where none does."""
+    top = np.zeros(masks.shape[1:], np.int32)
+    for m, r in zip(masks, rank, strict=True):
+        np.maximum(top, r, out=top, where=m)
+    return top
 
 
 def validate_result(ds: xr.Dataset) -> None:

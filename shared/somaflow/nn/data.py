@@ -1153,15 +1153,12 @@ def out_of_distribution(
         elif v < lo / margin or v > hi * margin:
             side = "below" if v < lo / margin else "above"
             warnings.append(
-                f"{label} {v:.3g} is {side} the training range {lo:.3g}–{hi:.3g} (margin ×{margin:g}): "
-                "the model was not trained on such data; check its output or fine-tune it on labelled "
-                "sessions of this kind (somaflow train ... --data)."
+                f"{label} {v:.3g} is {side} the training range {lo:.3g}–{hi:.3g} (margin ×{margin:g})"
             )
     mods = summary.get("modality")
     if stats_now.get("modality") and mods and stats_now["modality"] not in mods:
         warnings.append(
-            f"modality {stats_now['modality']} was not in the training data ({', '.join(mods)}): "
-            "use a model trained on this modality or fine-tune one."
+            f"modality {stats_now['modality']} was not in the training data ({', '.join(mods)})"
         )
     return warnings
 
