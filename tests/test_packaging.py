@@ -23,9 +23,17 @@ def test_every_package_folder_is_listed():
     assert {p for p in listed if p.startswith("somaflow.") or p == "somaflow"} <= folders
 
 
-def test_report_template_is_package_data():
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    for package, patterns in data.items():
-        folder = REPO / "shared" / Path(*package.split("."))
+def _folder(package: str, package_dir: dict[str, str]) -> Path:
+    """Where setuptools finds ``package`` (``[tool.setuptools] package-dir``)."""
+    top, _, rest = package.partition(".")
+    if top in package_dir:
+        return REPO / package_dir[top] / Path(*rest.split(".") if rest else ())
+    return REPO / package_dir.get("", ".") / Path(*package.split("."))
+
+
+def test_package_data_matches_files():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, patterns in config["package-data"].items():
+        folder = _folder(package, config["package-dir"])
         for pattern in patterns:
             assert list(folder.glob(pattern)), f"{package}: nothing matches {pattern}"
