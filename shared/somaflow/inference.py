@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from somaflow import nn
 from somaflow.errors import InputError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ class InferenceBackend(Protocol):
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> tuple[Any, dict[str, Any]]:
-    from somaflow.nn import load_checkpoint
-
-    model, meta = load_checkpoint(path)
+    model, meta = nn.load_checkpoint(path)
     log.info("loaded %s weights from %s", meta.get("model"), path)
     return model, meta
 

@@ -13,19 +13,18 @@ Defaults derive from the movie's frame rate, modality and neuron radius
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow.classify.cnet import ClassifyParams
 from somaflow.detect.cnn import CnnParams
 from somaflow.detect.local_maxima import LocalMaximaParams
-from somaflow.errors import InputError, ParameterError
+from somaflow.errors import ParameterError
+from somaflow.extract import METHODS
 from somaflow.extract.cnmf import CnmfParams
 from somaflow.extract.pca_ica import PcaIcaParams
-from somaflow.io import stores
+from somaflow.io.config import merge_overrides
 from somaflow.preprocess.pipeline import PreprocessParams
 from somaflow.preprocess.summary import SummaryParams
 from somaflow.traces import TraceParams
@@ -82,7 +81,6 @@ class RunParams(BaseModel):
             Unknown keys or invalid values in ``overrides``.
         """
         r = float(neuron_radius or DEFAULT_NEURON_RADIUS.get(modality, 5.0))
-        from somaflow.extract import METHODS
         base: dict[str, Any] = {
             "fps": fps,
             "modality": modality,
@@ -108,47 +106,3 @@ class RunParams(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ParameterError(f"bad parameter {where}: {first['msg']}. Fix it in the --params file.") from exc
-
-
-def merge_overrides(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested parameter overrides: ``over`` wins over ``base``, mapping by mapping."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_overrides(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(url: str, what: str, fix: str = "") -> Any:
-    """Parse the YAML file at ``url`` (any fsspec URL); empty files read as ``{}``.
-
-    Raises
-    ------
-    InputError
-        The file does not exist or is not YAML; ``what`` names it in the message
-        and ``fix`` is appended to the missing-file message.
-    """
-    fs, path = stores.filesystem(url)
-    if not fs.exists(path):
-        raise InputError(f"{what} {url} does not exist.{' ' + fix if fix else ''}")
-    with fs.open(path, "r") as fh:
-        try:
-            return yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"{what} {url} is not valid YAML: {exc}") from exc
-
-
-def load_params_file(url: str) -> dict[str, Any]:
-    """Read a YAML parameter file into a nested dict.
-
-    Raises
-    ------
-    InputError
-        The file is not YAML or its top level is not a mapping.
-    """
-    data = read_yaml(url, "parameter file")
-    if not isinstance(data, dict):
-        raise InputError(f"parameter file {url} must hold a mapping of stage -> parameters.")
-    return data

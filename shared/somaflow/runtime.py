@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from somaflow import kube
 from somaflow.errors import ParameterError, StoreError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,6 @@ def dask_client(cluster: str = "local", workers: int | None = None,
             log.info("local Dask cluster with %d workers; dashboard %s", n, client.dashboard_link)
             yield client
     elif cluster == "kubernetes":
-        from somaflow import kube
 
         spec = kube.load_kube_spec(spec_file)
         if workers:

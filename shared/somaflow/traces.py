@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
+from somaflow.footprints import sparse_masks
 from somaflow.oasis import (
     MIN_FRAMES,
     DeconvolutionParams,
@@ -363,27 +364,6 @@ def _coords(movie: xr.DataArray, masks: xr.DataArray) -> dict[str, xr.DataArray]
 
 
 # ----------------------------------------------------------------------------- spatial weights
-
-
-def sparse_masks(masks: np.ndarray) -> sp.csr_matrix:
-    """(unit, y·x) float64 CSR matrix of the nonzero mask weights, C pixel order.
-
-    Raises
-    ------
-    InputError
-        Negative or non-finite weights.
-    """
-    n = len(masks)
-    flat = masks.reshape(n, int(np.prod(masks.shape[1:])))
-    n_pix = flat.shape[1]
-    index = np.flatnonzero(flat)  # sorted by unit, then pixel
-    values = flat.ravel()[index].astype(np.float64)
-    if values.size and not (np.isfinite(values).all() and values.min() > 0):
-        raise InputError("masks hold negative or non-finite weights; pass bool masks or "
-                         "non-negative footprints.")
-    units = index // n_pix
-    indptr = np.searchsorted(units, np.arange(n + 1))
-    return sp.csr_matrix((values, index - units * n_pix, indptr), shape=(n, n_pix))
 
 
 def neuropil_masks(cells: sp.csr_matrix, shape: tuple[int, int], params: TraceParams) -> sp.csr_matrix:

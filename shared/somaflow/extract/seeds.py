@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
+from somaflow.classify.lstm import seed_transient_probability
 from somaflow.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,6 @@ def find_seeds(movie: xr.DataArray, images: xr.Dataset, params: SeedParams) -> x
     if params.gmm and len(pts) >= 8:
         keep &= _gmm_upper(np.log(np.maximum(pnr, 1e-3)))
     if params.classifier == "lstm" and keep.any():
-        from somaflow.classify.lstm import seed_transient_probability
 
         prob = seed_transient_probability(traces[keep], params.fps or 10.0, weights=params.classifier_weights)
         lstm_keep = np.zeros_like(keep)
@@ -187,34 +187,6 @@ def disk_matrix(points: np.ndarray, shape: tuple[int, int], radius: float) -> sp
     if n == 0:
         return sp.csr_matrix((0, ny * nx), dtype=np.float32)
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, ny * nx))
-
-
-def project(movie: xr.DataArray, rows: sp.csr_matrix) -> da.Array | np.ndarray:
-    """``rows @ frame`` for every frame: (n_rows, frame), lazily for dask movies.
-
-    Parameters
-    ----------
-    movie : xarray.DataArray
-        (frame, y, x).
-    rows : scipy.sparse.csr_matrix
-        (n_rows, y*x) weights.
-    """
-    data = movie.data
-    n = rows.shape[0]
-    if not isinstance(data, da.Array):
-        flat = np.asarray(data, np.float32).reshape(data.shape[0], -1)
-        return np.asarray((rows @ flat.T), np.float32)
-    data = data.rechunk({1: -1, 2: -1})
-    rows = rows.tocsr()
-    cols = np.unique(rows.indices)
-    sub = rows[:, cols]
-
-    def block(b: np.ndarray) -> np.ndarray:
-        flat = np.asarray(b, np.float32).reshape(b.shape[0], -1)[:, cols]
-        return np.asarray(sub @ flat.T, np.float32)
-
-    return da.map_blocks(block, data, drop_axis=[1, 2], new_axis=[0], chunks=((n,), data.chunks[0]),
-                         dtype=np.float32, meta=np.empty((0, 0), np.float32))
 
 
 # ------------------------------------------------------------------ internals

@@ -54,6 +54,7 @@ from dask.base import tokenize
 from somaflow.errors import InputError, ParameterError, SomaflowError, StoreError
 from somaflow.io import stores
 from somaflow.io.chunks import plan_frame_chunks
+from somaflow.io.schema import open_movie
 
 log = logging.getLogger(__name__)
 
@@ -1359,7 +1360,6 @@ def _open_zarr_input(
     plane: int | None,
     channel: int | None,
 ) -> xr.DataArray:
-    from somaflow.io.schema import open_movie
 
     node = _open_zarr_node(url, so)
     if _is_somaflow_movie(node) and dataset in (None, "movie"):
