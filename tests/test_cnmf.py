@@ -13,10 +13,10 @@ import xarray as xr
 from somaflow.evaluate import evaluate
 from somaflow.evaluate.groundtruth import Truth
 from somaflow.extract import cnmf as C
+from somaflow.extract import seeds as S
 from somaflow.extract.cnmf import fit as CF
 from somaflow.extract.cnmf import patch as CP
 from somaflow.extract.cnmf import quality as CQ
-from somaflow.extract import seeds as S
 from somaflow.simulate import simulate
 
 
@@ -132,7 +132,7 @@ def test_find_units_cnmf_schema(sim, movie):
     # every unit's width is its mask's; accepted CNMF units are at least min_width_radii r wide
     np.testing.assert_allclose(units["width"].values, C.mask_width(units["masks"].values), rtol=1e-5)
     is_cnmf = units["kind"].values == "cnmf"
-    assert (units["width"].values[acc & is_cnmf] >= p.cnmf.min_width_radii * 5.0).all()
+    assert (units["width"].values[acc & is_cnmf] >= p.extract.cnmf.min_width_radii * 5.0).all()
     res = evaluate(pred, true, allow_offset=False)
     assert res["f1"] >= 0.85, res  # measured 0.94 (local-maxima morphology: 0.78)
     # the default neuropil-corrected footprint means: measured 0.879 (cnmf.traces='demixed': 0.825)

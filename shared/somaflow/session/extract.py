@@ -65,15 +65,15 @@ def find_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) -> tup
     """
     if p.method == "local-maxima" or p.method in DETECTORS:
         if p.method == "local-maxima":
-            units = detect_local_maxima(images, p.detect)
+            units = detect_local_maxima(images, p.extract.detect)
         else:
-            units = detect_cnn(corrected, images, p.method, p.cnn, p.neuron_radius)
+            units = detect_cnn(corrected, images, p.method, p.extract.cnn, p.neuron_radius)
         traces = extract_traces(trace_movie(corrected, p.preprocess), units["masks"], p.traces).compute()
         return units, traces
     if p.method == "cnmf":
         return cnmf_method(corrected, images, p)
     if p.method == "pca-ica":
-        return pca_ica(corrected, p.pca_ica, trace_params=p.traces,
+        return pca_ica(corrected, p.extract.pca_ica, trace_params=p.traces,
                        trace_movie=trace_movie(corrected, p.preprocess))
     raise ParameterError(f"unknown method {p.method!r}; use one of {', '.join(METHODS)}.")
 
@@ -86,11 +86,11 @@ def morphology_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) 
     fall-back is noted and, unless ``cnmf.accept_fallback_morphology``, its
     units are not accepted). A CNN detector's units are those it accepted.
     """
-    cp = p.cnmf
+    cp = p.extract.cnmf
     lm, detector, notes, fell_back = None, "local-maxima", [], False
     if cp.morphology != "local-maxima":
         detector = "unet2d" if cp.morphology == "auto" else cp.morphology
-        lm = detect_cnn(corrected, images, detector, p.cnn, p.neuron_radius)
+        lm = detect_cnn(corrected, images, detector, p.extract.cnn, p.neuron_radius)
         notes = json.loads(lm.attrs.get("ood_warnings", "[]"))
         if notes and cp.morphology == "auto":
             log.warning("CNMF morphology units from local maxima, not %s: the movie is outside its "
@@ -100,7 +100,7 @@ def morphology_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) 
         else:
             lm = lm.isel(unit=np.flatnonzero(lm["accepted"].values))
     if lm is None:
-        lm = detect_local_maxima(images, p.detect)
+        lm = detect_local_maxima(images, p.extract.detect)
     return MorphologyUnits(masks=np.asarray(lm["masks"].values, bool),
                            score=np.asarray(lm["score"].values, np.float64),
                            detector=detector, fell_back=fell_back, notes=tuple(notes))
@@ -109,7 +109,7 @@ def morphology_units(corrected: xr.DataArray, images: xr.Dataset, p: RunParams) 
 def cnmf_method(corrected: xr.DataArray, images: xr.Dataset, p: RunParams, *,
                 scratch_url: str | None = None) -> tuple[xr.Dataset, xr.Dataset]:
     """CNMF on the trace movie, with the morphology units when CNMF uses them."""
-    cp = p.cnmf
+    cp = p.extract.cnmf
     movie = trace_movie(corrected, p.preprocess)
     morphology = morphology_units(corrected, images, p) if (cp.add_silent or cp.seed_morphology) else None
     with cnmf_fit_store(movie, cp, scratch_url) as (fit, read):
