@@ -304,7 +304,7 @@ def test_lstm_seed_cleansing_plugs_in(sim, movie, tmp_path, bias, kept):
 
 def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions():
     from somaflow.oasis import deconvolve
-    from somaflow.traces import TraceParams, _window_frames, dff_rows
+    from somaflow.traces import TraceParams, dff_rows, window_frames
 
     rng = np.random.default_rng(3)
     spikes = rng.random((37, 400)) < 0.02
@@ -315,7 +315,7 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
     with dask.config.set(scheduler="threads"):
         calcium, s_out, dff = C.temporal_outputs(raw, fluo, 10.0, tp)
     ref = deconvolve(raw, 10.0, params=tp.deconvolution)  # one kernel shared by all 37 units, 3 blocks
-    window = _window_frames(tp.baseline_window_s * 10.0, 400)
+    window = window_frames(tp.baseline_window_s * 10.0, 400)
     ref_dff = dff_rows(fluo, fluo, window=window, percentile=tp.baseline_percentile,
                        samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
     assert calcium.dtype == s_out.dtype == dff.dtype == np.float32
@@ -332,7 +332,7 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
 
 
 def test_sparse_footprints_equal_the_dense_definition():
-    from somaflow.assemble import footprints_from_masks, sparse_footprints
+    from somaflow.footprints import footprints_from_masks, sparse_footprints
 
     rng = np.random.default_rng(4)
     masks = np.zeros((6, 20, 24), bool)

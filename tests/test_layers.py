@@ -24,6 +24,7 @@ LINT = Path(sys.executable).with_name("lint-imports")
 #: the one module allowed to import somaflow inside functions: each command loads what it needs
 #: when it runs, so that `somaflow --help` starts without Prefect, Dask, xarray or torch
 LAZY_IMPORTS_ALLOWED = {LIBRARY / "cli.py"}
+MAX_LINES = 600
 
 
 def _modules() -> list[str]:
@@ -161,6 +162,13 @@ def test_no_function_local_somaflow_imports():
     files = [p for p in [*LIBRARY.rglob("*.py"), *FLOWS.glob("*.py")] if p not in LAZY_IMPORTS_ALLOWED]
     found = [hit for p in files for hit in _local_somaflow_imports(p)]
     assert not found, "function-local imports of somaflow (import at the top of the module):\n" + "\n".join(found)
+
+
+def test_modules_hold_one_idea():
+    """No library module over ~600 lines (STYLE.md)."""
+    long = {str(p.relative_to(REPO)): n for p in LIBRARY.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def test_help_starts_without_heavy_imports():

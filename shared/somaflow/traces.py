@@ -287,7 +287,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
     unit_rows = max(1, min(n_units, _TEMPORAL_BLOCK_ELEMENTS // max(1, n_frames)))
     corrected_u = corrected.rechunk((unit_rows, -1))
     raw_u = raw.rechunk((unit_rows, -1))
-    window = _window_frames(params.baseline_window_s * fps, n_frames)
+    window = window_frames(params.baseline_window_s * fps, n_frames)
     dff = da.map_blocks(
         dff_rows, corrected_u, raw_u, window=window,
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
@@ -468,7 +468,7 @@ def _project_block(block: np.ndarray, cols: np.ndarray, sub: sp.csr_matrix) -> n
 # ----------------------------------------------------------------------------- temporal stages
 
 
-def _window_frames(frames: float, n_frames: int) -> int:
+def window_frames(frames: float, n_frames: int) -> int:
     """Odd window length in frames, at least 1 and at most the movie length."""
     w = max(1, int(round(frames)))
     w = min(w, n_frames)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from somaflow.errors import InputError, ParameterError
 from somaflow.io.chunks import SAFETY_FACTOR, plan_pixel_chunks
 from somaflow.preprocess.filters import whole_frames
-from somaflow.traces import dff_rows
+from somaflow.traces import dff_rows, window_frames
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def dff(data: xr.DataArray, params: DffParams) -> xr.DataArray:
         ty, tx = plan_pixel_chunks(arr.shape, 8, params.memory_budget)
         arr = arr.rechunk((-1, ty, tx))
         axis = 0
-    window = _window_frames(params.window_s * fps, n_frames)
+    window = window_frames(params.window_s * fps, n_frames)
     log.debug("dff: window %d frames, chunks %s", window, arr.chunksize)
     out = da.map_blocks(
         _dff_block, arr, axis=axis, window=window, percentile=float(params.percentile),
@@ -311,12 +311,6 @@ def dff(data: xr.DataArray, params: DffParams) -> xr.DataArray:
         dtype=np.float32, meta=np.empty((0,) * arr.ndim, np.float32),
     )
     return xr.DataArray(out, dims=dims, coords=data.coords, name=data.name, attrs=dict(data.attrs))
-
-
-def _window_frames(frames: float, n_frames: int) -> int:
-    """Odd window length in frames, at least 1 and at most the trace length."""
-    w = min(max(1, int(round(frames))), n_frames)
-    return w if w % 2 == 1 else max(1, w - 1)
 
 
 def _dff_block(

@@ -15,10 +15,10 @@ import xarray as xr
 
 from somaflow.traces import (
     TraceParams,
-    _window_frames,
     deconvolve_blocks,
     dff_rows,
     weighted_traces,
+    window_frames,
 )
 
 
@@ -103,7 +103,7 @@ def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
     rows = max(_MIN_UNITS_PER_TASK, math.ceil(n / _TEMPORAL_TASKS))
     raw_d = da.from_array(np.asarray(raw, np.float64), chunks=(rows, -1))
     f_d = da.from_array(np.asarray(fluorescence, np.float64), chunks=(rows, -1))
-    window = _window_frames(tp.baseline_window_s * fps, n_frames)
+    window = window_frames(tp.baseline_window_s * fps, n_frames)
     dff = da.map_blocks(dff_rows, f_d, f_d, window=window, percentile=tp.baseline_percentile,
                         samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction,
                         dtype=np.float64)

@@ -1,0 +1,93 @@
+"""NWB files: the imaging series (TwoPhotonSeries, OnePhotonSeries, ImageSeries) as a lazy movie.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import h5py
+import numpy as np
+
+from somaflow.errors import InputError, SomaflowError
+from somaflow.io.readers.base import _check_dtype, _positive_fps
+from somaflow.io.readers.formats import NWB_MOVIE_TYPES
+from somaflow.io.readers.hdf5 import _attr_str, _h5_file, _h5_open_error, _H5Source
+
+
+def _open_nwb(
+    url: str, so: dict[str, Any] | None, dataset: str | None
+) -> tuple[_H5Source, dict[str, Any], str]:
+    """NWB files are HDF5: find the imaging series by their ``neurodata_type``.
+
+    NWB's ``ImageSeries.data`` is documented as (frames, x, y), but writers
+    (Suite2p, CaImAn, most DANDI data) store rows first, i.e. (frames, y, x);
+    the default axes ``tyx`` follows the writers. Pass ``axes="txy"`` for a file
+    that follows the letter of the schema.
+    """
+    try:
+        with _h5_file(url, so) as f:
+            series: list[tuple[str, str, tuple[int, ...], np.dtype]] = []
+
+            def visit(name: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Group):
+                    ntype = _attr_str(obj.attrs.get("neurodata_type", ""))
+                    data = obj.get("data")
+                    if ntype in NWB_MOVIE_TYPES and isinstance(data, h5py.Dataset):
+                        series.append(("/" + name, ntype, tuple(data.shape), data.dtype))
+
+            f.visititems(visit)
+            photon = [s for s in series if s[1] != "ImageSeries"]
+            cands = photon or series
+            listing = ", ".join(f"{p} ({t}, {s})" for p, t, s, _ in series) or "none"
+            if dataset is not None:
+                want = dataset.rstrip("/")
+                want = want[: -len("/data")] if want.endswith("/data") else want
+                chosen = [
+                    s
+                    for s in series
+                    if s[0] == want
+                    or s[0] == "/" + want.lstrip("/")
+                    or s[0].rsplit("/", 1)[-1] == want
+                ]
+                if len(chosen) != 1:
+                    raise InputError(
+                        f"{url} has no single imaging series named {dataset!r}. Imaging series: "
+                        f"{listing}. Pass one of them with --dataset."
+                    )
+            else:
+                if not cands:
+                    raise InputError(
+                        f"{url} holds no TwoPhotonSeries, OnePhotonSeries or ImageSeries with data. "
+                        "It contains no movie somaflow can read."
+                    )
+                if len(cands) > 1:
+                    raise InputError(
+                        f"{url} holds several imaging series: {listing}. Name one with --dataset "
+                        f"(e.g. --dataset {cands[0][0].rsplit('/', 1)[-1]})."
+                    )
+                chosen = cands
+            path, ntype, shape, dtype = chosen[0]
+            group = f[path]
+            if math.prod(shape) == 0 and "external_file" in group:
+                raise InputError(
+                    f"{url}: {path} keeps its frames in external files "
+                    f"({[_attr_str(x) for x in group['external_file'][()]]}). Open those files instead."
+                )
+            attrs: dict[str, Any] = {"dataset": path + "/data", "nwb_type": ntype}
+            fps = None
+            if "starting_time" in group:
+                fps = _positive_fps(group["starting_time"].attrs.get("rate"))
+            if fps is None and "timestamps" in group and len(group["timestamps"]) > 1:
+                ts = np.asarray(group["timestamps"][:1001], dtype=np.float64)
+                step = float(np.median(np.diff(ts)))
+                fps = 1.0 / step if step > 0 else None
+            if fps is not None:
+                attrs["fps"] = fps
+    except SomaflowError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _h5_open_error(url, exc, "NWB (HDF5)") from exc
+    _check_dtype(dtype, url)
+    return _H5Source(url, so, shape, np.dtype(dtype), dataset=path + "/data"), attrs, ""
+

@@ -1,0 +1,77 @@
+"""Movies as dask arrays of whole frames, and per-frame maps over them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from somaflow.errors import InputError
+from somaflow.io.chunks import plan_frame_chunks
+from somaflow.preprocess.filters.params import DEFAULT_MEMORY_BUDGET
+
+log = logging.getLogger(__name__)
+
+
+def whole_frames(movie: xr.DataArray, who: str = "this filter") -> da.Array:
+    """A movie as a dask array chunked along frames only, each chunk whole frames.
+
+    Parameters
+    ----------
+    movie : xarray.DataArray
+        (frame, y, x), integer or floating dtype, dask- or numpy-backed.
+    who : str
+        The calling function's name, for error messages.
+
+    Returns
+    -------
+    dask.array.Array
+        (frame, y, x), the input's dtype. A dask array that already has
+        single y and x chunks is returned as is; one split spatially is
+        rechunked to whole frames with about the same bytes per chunk;
+        numpy data gets frame chunks planned by
+        :func:`somaflow.io.chunks.plan_frame_chunks` for
+        :data:`DEFAULT_MEMORY_BUDGET` of float32 work.
+
+    Raises
+    ------
+    InputError
+        Wrong dims, no frames, or a non-real dtype.
+    """
+    if tuple(movie.dims) != ("frame", "y", "x"):
+        raise InputError(
+            f"{who} needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
+            "Transpose or rename it (movie.transpose('frame', 'y', 'x'))."
+        )
+    if movie.size == 0:
+        raise InputError(f"{who} got an empty movie of shape {movie.shape}; pass at least one frame.")
+    if not (np.issubdtype(movie.dtype, np.integer) or np.issubdtype(movie.dtype, np.floating)):
+        raise InputError(f"{who}: movie dtype {movie.dtype} is not a real number type; convert it to float32.")
+    data = movie.data
+    n_frames, ny, nx = movie.shape
+    if not isinstance(data, da.Array):
+        frames = plan_frame_chunks((n_frames, ny, nx), 4, DEFAULT_MEMORY_BUDGET)
+        return da.from_array(np.asarray(data), chunks=(frames, ny, nx))
+    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
+        frames = max(1, min(n_frames, math.prod(data.chunksize) // (ny * nx)))
+        log.debug("%s: rechunking %s chunks to whole frames (%d frames each)", who, data.chunksize, frames)
+        data = data.rechunk({0: frames, 1: -1, 2: -1})
+    return data
+
+
+def _like(data: da.Array, movie: xr.DataArray, **attrs: object) -> xr.DataArray:
+    """``data`` wrapped with the dims, coords, name and attrs (updated by ``attrs``) of ``movie``."""
+    return xr.DataArray(
+        data, dims=movie.dims, coords=movie.coords, name=movie.name, attrs={**movie.attrs, **attrs}
+    )
+
+
+def _per_frame(func: Callable[..., np.ndarray], data: da.Array, **kwargs: object) -> da.Array:
+    """``func(block, **kwargs)`` on every frame chunk, float32 out, same chunks."""
+    return da.map_blocks(func, data, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32), **kwargs)
+
