@@ -175,10 +175,10 @@ def test_fit_images_tiles_equal_one_tile(monkeypatch):
     arr = rng.random((30, 70, 90)).astype(np.float32)
     arr[:, 20:26, 30:36] += np.linspace(0, 3, 30, dtype=np.float32)[:, None, None]
     mv = xr.DataArray(da.from_array(arr, chunks=(-1, 35, 45)), dims=("frame", "y", "x"))
-    monkeypatch.setattr(C, "_IMAGE_TILE", 10_000)
+    monkeypatch.setattr(CF, "_IMAGE_TILE", 10_000)
     with dask.config.set(scheduler="threads"):
         ref = CF._fit_images(mv, 2.0)
-        monkeypatch.setattr(C, "_IMAGE_TILE", 32)  # 2 x 3 tiles with a 17 px halo
+        monkeypatch.setattr(CF, "_IMAGE_TILE", 32)  # 2 x 3 tiles with a 17 px halo
         tiled = CF._fit_images(mv, 2.0)
         read = CF._fit_images(mv, 2.0, read=lambda reg: arr[:, reg[0], reg[1]])
     for name in ref.data_vars:

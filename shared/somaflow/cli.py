@@ -160,10 +160,11 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from somaflow.runtime import default_workers
     from somaflow.training.recipes import train_model
 
     if args.threads is None:
-        args.threads = max(1, os.cpu_count() or 1)
+        args.threads = default_workers()
     logging.getLogger("somaflow").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s", stream=sys.stderr)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from dask.system import CPU_COUNT
+
 from somaflow import kube
 from somaflow.errors import ParameterError, StoreError
 
@@ -63,8 +65,9 @@ def configure_prefect_env(debug: bool = False) -> None:
 
 
 def default_workers() -> int:
-    """Worker processes for a local cluster: one per core."""
-    return max(1, os.cpu_count() or 1)
+    """Worker processes for a local cluster: one per core this process may use
+    (:data:`dask.system.CPU_COUNT`, which distributed uses: CPU affinity and cgroup quotas respected)."""
+    return max(1, int(CPU_COUNT))
 
 
 def check_cluster_option(cluster: str, spec_file: str | None = None) -> None:

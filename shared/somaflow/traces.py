@@ -62,14 +62,13 @@ from somaflow.oasis import (
     kernel_estimates,
     shared_kernel,
 )
+from somaflow.robust import diff_noise_sd
 
 log = logging.getLogger(__name__)
 
 #: the stage's deconvolution: one kernel for all units of a movie (see DeconvolutionParams.g_scope)
 _DECONVOLUTION = DeconvolutionParams(g_scope="shared")
 
-#: MAD → σ of a normal distribution
-_MAD_TO_SIGMA = 1.4826
 #: float elements per unit-chunk of the temporal stages (≈ 64 MiB of float32)
 _TEMPORAL_BLOCK_ELEMENTS = 16 << 20
 #: how many times the neuropil annulus may be doubled to reach min_neuropil_pixels
@@ -525,8 +524,7 @@ def _noise_sd(x: np.ndarray) -> np.ndarray:
     """(unit,) white-noise SD from the MAD of the first difference along time."""
     if x.shape[-1] < 2:
         return np.zeros(x.shape[:-1])
-    d = np.diff(x, axis=-1)
-    return _MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, axis=-1, keepdims=True)), axis=-1) / math.sqrt(2.0)
+    return diff_noise_sd(x, axis=-1)
 
 
 def dff_rows(

@@ -39,10 +39,10 @@ from skimage.feature import peak_local_max
 
 from somaflow.classify.lstm import seed_transient_probability
 from somaflow.errors import InputError
+from somaflow.robust import diff_noise_sd, robust_sd
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_SIGMA = 1.4826
 
 
 class SeedParams(BaseModel):
@@ -239,7 +239,7 @@ def _contrast(img: np.ndarray, params: SeedParams) -> np.ndarray:
     img = np.asarray(img, np.float32)
     c = ndimage.gaussian_filter(img, params.smooth_radii * r) - ndimage.gaussian_filter(img, params.background_radii * r)
     med = np.median(c)
-    sd = _MAD_TO_SIGMA * np.median(np.abs(c - med))
+    sd = robust_sd(c)
     return (c - med) / sd if sd > 0 else c - med
 
 
@@ -270,8 +270,7 @@ def _collapse(pts: np.ndarray, src: np.ndarray, dist: float) -> tuple[np.ndarray
 
 
 def _noise(tr: np.ndarray) -> np.ndarray:
-    d = np.diff(tr, axis=-1)
-    return np.maximum(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, -1, keepdims=True)), -1) / math.sqrt(2), 1e-9)
+    return np.maximum(diff_noise_sd(tr, axis=-1), 1e-9)
 
 
 def _peak_valley(traces: np.ndarray) -> np.ndarray:

@@ -15,14 +15,7 @@ from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.nn.targets import check_masks, mask_centroids
-
-#: MAD of first differences → SD of white noise: median(|Δx|) / (0.6745 √2), as the summary images
-_MAD_DIFF = 0.6745 * math.sqrt(2.0)
-
-
-#: MAD → SD of a normal distribution
-_MAD_TO_SIGMA = 1.4826
-
+from somaflow.robust import abs_diff_noise_sd, robust_sd
 
 #: 3CNet's input side (pixels) and trace samples (92²)
 CNET_SIZE = 92
@@ -42,10 +35,10 @@ def robust_zscore(x: np.ndarray, axis: int = -1) -> np.ndarray:
     a = np.moveaxis(np.asarray(x, np.float64), axis, -1)
     med = np.median(a, axis=-1, keepdims=True)
     if a.shape[-1] > 1:
-        scale = np.median(np.abs(np.diff(a, axis=-1)), axis=-1, keepdims=True) / _MAD_DIFF
+        scale = abs_diff_noise_sd(a, axis=-1)[..., None]
     else:
         scale = np.zeros_like(med)
-    mad = _MAD_TO_SIGMA * np.median(np.abs(a - med), axis=-1, keepdims=True)
+    mad = robust_sd(a, axis=-1, keepdims=True)
     scale = np.where(scale > 0, scale, np.where(mad > 0, mad, 1.0))
     return np.moveaxis((a - med) / scale, -1, axis).astype(np.float32)
 

@@ -8,10 +8,7 @@ import numpy as np
 import xarray as xr
 
 from somaflow.errors import InputError
-
-#: MAD → SD of a normal distribution
-_MAD_TO_SIGMA = 1.4826
-
+from somaflow.robust import robust_sd
 
 #: channels of :func:`summary_channels`, in order
 SUMMARY_CHANNELS = ("mean_image", "max_image", "correlation_image", "pnr_image")
@@ -29,7 +26,7 @@ def robust_normalize(img: np.ndarray, clip: float | None = 20.0) -> np.ndarray:
     if vals.size == 0:
         return np.zeros(a.shape, np.float32)
     med = float(np.median(vals))
-    scale = _MAD_TO_SIGMA * float(np.median(np.abs(vals - med)))
+    scale = float(robust_sd(vals))
     if not scale > 0:
         scale = float(vals.std()) or 1.0
     out = np.where(finite, (a - med) / scale, 0.0)

@@ -25,10 +25,7 @@ from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.preprocess.filters import MorphParams, morphological_background
-
-#: MAD of first differences → SD of white noise: median(|Δx|) / (0.6745 √2), as the summary images
-_MAD_DIFF = 0.6745 * math.sqrt(2.0)
-
+from somaflow.robust import abs_diff_noise_sd
 
 #: float32 working memory of one row strip in :func:`pixel_statistics`
 _STRIP_BYTES = 32 << 20
@@ -269,7 +266,7 @@ def _segment_stats(block: np.ndarray) -> np.ndarray:
         strip = np.asarray(block[:, y0 : y0 + rows], np.float32)
         out[0, y0 : y0 + rows] = np.median(strip, axis=0)
         if t > 1:
-            out[1, y0 : y0 + rows] = np.median(np.abs(np.diff(strip, axis=0)), axis=0) / _MAD_DIFF
+            out[1, y0 : y0 + rows] = abs_diff_noise_sd(strip, axis=0)
     return out
 
 

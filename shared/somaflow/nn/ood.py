@@ -7,7 +7,6 @@ sessions, stored in the checkpoint) and :func:`out_of_distribution`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,10 +19,7 @@ from somaflow.footprints import project, sparse_masks
 from somaflow.nn.inputs import check_movie, pixel_statistics
 from somaflow.nn.targets import check_masks
 from somaflow.preprocess.temporal import BinParams
-
-#: MAD of first differences → SD of white noise: median(|Δx|) / (0.6745 √2), as the summary images
-_MAD_DIFF = 0.6745 * math.sqrt(2.0)
-
+from somaflow.robust import abs_diff_noise_sd
 
 #: statistics :func:`out_of_distribution` compares (positive numbers, compared on a ratio scale)
 OOD_KEYS: dict[str, str] = {
@@ -55,7 +51,7 @@ def trace_snr(traces: np.ndarray) -> np.ndarray:
         raise InputError(
             f"trace_snr needs (unit, frame) traces with ≥ 2 frames, got shape {t.shape}."
         )
-    noise = np.median(np.abs(np.diff(t, axis=1)), axis=1) / _MAD_DIFF
+    noise = abs_diff_noise_sd(t, axis=1)
     peak = t.max(axis=1) - np.median(t, axis=1)
     return np.where(noise > 0, peak / np.where(noise > 0, noise, 1.0), 0.0)
 

@@ -12,12 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MIN_FRAMES = 16
 
 
-#: float64 elements per batch of units solved together (bounds the memory to ~100 MiB)
-_BATCH_ELEMENTS = 1 << 20
 
 
-#: relative change of b and λ (in noise SDs) below which the (b, λ) iteration stops
-_TOL = 1e-4
 
 
 class DeconvolutionParams(BaseModel):

@@ -22,10 +22,17 @@ from somaflow.oasis.kernels import (
     _sum_h2,
     estimate_noise,
 )
-from somaflow.oasis.params import _BATCH_ELEMENTS, _TOL, DeconvolutionParams, DeconvolutionResult
+from somaflow.oasis.params import DeconvolutionParams, DeconvolutionResult
 from somaflow.oasis.pools import _calcium, _Pools, _pools, _replace, _select
 
 log = logging.getLogger(__name__)
+
+
+#: float64 elements per batch of units solved together (bounds the memory to ~100 MiB)
+_BATCH_ELEMENTS = 1 << 20
+
+#: relative change of b and λ (in noise SDs) below which the (b, λ) iteration stops
+_TOL = 1e-4
 
 
 def deconvolve(trace: Any, fps: float, *, params: DeconvolutionParams | None = None) -> DeconvolutionResult:

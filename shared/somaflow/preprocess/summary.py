@@ -42,7 +42,6 @@ difference from the one-chunk value is a few percent.
 from __future__ import annotations
 
 import logging
-import math
 
 import dask.array as da
 import numpy as np
@@ -51,11 +50,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from somaflow.errors import InputError
+from somaflow.robust import DIFF_TO_SIGMA
 
 log = logging.getLogger(__name__)
 
-#: MAD → σ for a normal distribution, and √2 for the first difference of white noise
-_MAD_TO_SIGMA_DIFF = 0.6745 * math.sqrt(2.0)
 
 #: channels of the per-chunk partial stack that are summed over chunks
 _SUM_CHANNELS = ("s1", "s2", "s_down", "s_right", "median_w", "mad_w")
@@ -314,7 +312,7 @@ def _finalize(
     correlation = total / np.maximum(n_neighbours, 1)
 
     baseline = median_w / n_frames
-    noise = mad_w / n_diff / _MAD_TO_SIGMA_DIFF
+    noise = mad_w / n_diff / DIFF_TO_SIGMA
     pnr = da.where(noise > 0, (smx - baseline) / da.where(noise > 0, noise, 1.0), 0.0)
     pnr = da.maximum(pnr, 0.0)
 

@@ -11,8 +11,7 @@ import xarray as xr
 from scipy import ndimage
 
 from somaflow.extract.pca_ica.params import PcaIcaParams
-
-_MAD_TO_SIGMA = 1.4826
+from somaflow.robust import robust_sd
 
 
 def upsample_filters(spatial: xr.DataArray, shape: tuple[int, int], factor: int) -> np.ndarray:
@@ -80,7 +79,7 @@ def segment_filters(filters: np.ndarray, skewness: np.ndarray, params: PcaIcaPar
         smooth = ndimage.gaussian_filter(img, params.smooth_sigma, mode="nearest") \
             if params.smooth_sigma > 0 else img
         med = float(np.median(smooth))
-        sd = _MAD_TO_SIGMA * float(np.median(np.abs(smooth - med)))
+        sd = float(robust_sd(smooth))
         if not sd > 0:
             continue
         labels, _ = ndimage.label(smooth > med + params.threshold * sd)

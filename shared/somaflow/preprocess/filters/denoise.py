@@ -8,9 +8,7 @@ import xarray as xr
 
 from somaflow.preprocess.filters.frames import _like, _per_frame, whole_frames
 from somaflow.preprocess.filters.params import PeronaMalikParams
-
-#: MAD → σ of a normal distribution
-_MAD_TO_SIGMA = 1.4826
+from somaflow.robust import robust_sd
 
 
 def perona_malik(movie: xr.DataArray, params: PeronaMalikParams) -> xr.DataArray:
@@ -75,8 +73,7 @@ def difference_noise_sd(frames: np.ndarray) -> np.ndarray:
     )
     if diffs.shape[1] == 0:
         return np.zeros(t)
-    med = np.median(diffs, axis=1, keepdims=True)
-    return _MAD_TO_SIGMA * np.median(np.abs(diffs - med), axis=1).astype(np.float64)
+    return robust_sd(diffs, axis=1).astype(np.float64)
 
 
 def _perona_malik_block(
