@@ -55,6 +55,7 @@ from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.footprints import sparse_masks
+from somaflow.frames import check_movie, whole_frames
 from somaflow.oasis import (
     MIN_FRAMES,
     DeconvolutionParams,
@@ -256,7 +257,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
     cells = sp.csr_matrix(weights, dtype=np.float64)
     cells.eliminate_zeros()
     fps = _frame_rate(movie, params)
-    data = _whole_frames(movie)
+    data = whole_frames(movie)
     n_frames = data.shape[0]
     n_units = cells.shape[0]
     if coords is None:
@@ -313,11 +314,8 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
 
 
 def _validate_movie(movie: xr.DataArray) -> None:
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(
-            f"traces need a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
-            "Transpose or rename it."
-        )
+    check_movie(movie, "traces")
+
 
 
 def _validate(movie: xr.DataArray, masks: xr.DataArray) -> None:
@@ -342,15 +340,6 @@ def _frame_rate(movie: xr.DataArray, params: TraceParams) -> float:
         )
     return float(fps)
 
-
-def _whole_frames(movie: xr.DataArray) -> da.Array:
-    """The movie as a dask array chunked along frames only."""
-    data = movie.data
-    if not isinstance(data, da.Array):
-        data = da.from_array(np.asarray(data), chunks=("auto", -1, -1))
-    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
-        data = data.rechunk({1: -1, 2: -1})
-    return data
 
 
 def _coords(movie: xr.DataArray, masks: xr.DataArray) -> dict[str, xr.DataArray]:

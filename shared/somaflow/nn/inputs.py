@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
+from somaflow.frames import check_movie
 from somaflow.preprocess.filters import MorphParams, morphological_background
+from somaflow.preprocess.temporal import sum_bins
 from somaflow.robust import abs_diff_noise_sd
 
 #: float32 working memory of one row strip in :func:`pixel_statistics`
@@ -163,22 +165,6 @@ def _check_movie_args(fps: float, modality: str, neuron_radius: float) -> tuple[
     return float(fps), modality, float(neuron_radius)
 
 
-def check_movie(movie: xr.DataArray, who: str) -> None:
-    if not isinstance(movie, xr.DataArray) or tuple(movie.dims) != ("frame", "y", "x"):
-        dims = tuple(movie.dims) if isinstance(movie, xr.DataArray) else type(movie).__name__
-        raise InputError(
-            f"{who} needs an xarray.DataArray with dims ('frame', 'y', 'x'), got {dims}. "
-            "Wrap or transpose it: xr.DataArray(arr, dims=('frame', 'y', 'x'))."
-        )
-    if movie.sizes["frame"] < 2:
-        raise InputError(
-            f"{who} needs at least 2 frames to estimate the noise, got {movie.sizes['frame']}."
-        )
-    if movie.dtype.kind not in "iuf":
-        raise InputError(
-            f"{who}: movie dtype {movie.dtype} is not a real number type; convert it to float32."
-        )
-
 
 def pixel_statistics(
     movie: xr.DataArray, *, max_frames: int = 2000, segment_frames: int = 250
@@ -217,7 +203,7 @@ def pixel_statistics(
     InputError
         Wrong dims or dtype, or fewer than 2 frames.
     """
-    check_movie(movie, "pixel_statistics")
+    check_movie(movie, "pixel_statistics", min_frames=2, why=" to estimate the noise")
     n = int(movie.sizes["frame"])
     seg = max(2, min(int(segment_frames), int(max_frames), n))
     n_seg = max(1, math.ceil(n / seg))
@@ -269,38 +255,6 @@ def _segment_stats(block: np.ndarray) -> np.ndarray:
             out[1, y0 : y0 + rows] = abs_diff_noise_sd(strip, axis=0)
     return out
 
-
-def bin_block(block: np.ndarray, factor: int) -> np.ndarray:
-    """Sum every ``factor`` consecutive frames (STNeuroNet's binning).
-
-    Parameters
-    ----------
-    block : numpy.ndarray
-        (t, y, x) real.
-    factor : int
-        Frames per bin, ≥ 1.
-
-    Returns
-    -------
-    numpy.ndarray
-        (ceil(t / factor), y, x) float32 sums. A last, partial bin of
-        ``m < factor`` frames is kept, its sum scaled by ``factor / m`` so it
-        is on the scale of a full bin (its noise is ``sqrt(factor / m)``
-        times larger).
-    """
-    t = block.shape[0]
-    if factor <= 1:
-        return np.asarray(block, np.float32)
-    n_full = t // factor
-    out = np.empty((math.ceil(t / factor),) + block.shape[1:], np.float32)
-    for i in range(n_full):  # bin by bin: float32 copies of one bin at a time
-        out[i] = np.asarray(block[i * factor : (i + 1) * factor], np.float32).sum(
-            axis=0, dtype=np.float64
-        )
-    if t > n_full * factor:
-        rest = np.asarray(block[n_full * factor :], np.float64)
-        out[-1] = rest.sum(axis=0) * (factor / rest.shape[0])
-    return out
 
 
 def _lowpass(frames: np.ndarray, sigma: float) -> np.ndarray:
@@ -372,7 +326,7 @@ def compensate(binned: np.ndarray, stats: xr.Dataset, params: DetectorInputParam
     Parameters
     ----------
     binned : numpy.ndarray
-        (t, y, x) sums of ``params.factor`` frames (:func:`bin_block`).
+        (t, y, x) sums of ``params.factor`` frames (:func:`~somaflow.preprocess.temporal.sum_bins`).
     stats : xarray.Dataset
         :func:`pixel_statistics` of the unbinned movie.
     params : DetectorInputParams
@@ -403,7 +357,7 @@ def compensate(binned: np.ndarray, stats: xr.Dataset, params: DetectorInputParam
 def detector_batch(block: np.ndarray, stats: xr.Dataset, params: DetectorInputParams) -> np.ndarray:
     """One temporal batch of raw frames → detector input.
 
-    Binning (:func:`bin_block`), then :func:`compensate`. Every step works
+    Binning (:func:`~somaflow.preprocess.temporal.sum_bins`), then :func:`compensate`. Every step works
     frame by frame or pixel by pixel with the movie-wide ``stats``, so a
     batch is prepared exactly as it would be as part of a longer movie
     (when its first frame starts a bin).
@@ -429,7 +383,7 @@ def detector_batch(block: np.ndarray, stats: xr.Dataset, params: DetectorInputPa
     block = np.asarray(block)
     if block.ndim != 3 or block.shape[0] == 0:
         raise InputError(f"detector_batch needs (frame, y, x) frames, got shape {block.shape}.")
-    return compensate(bin_block(block, params.factor), stats, params)
+    return compensate(sum_bins(block, params.factor), stats, params)
 
 
 def batch_plan(n_frames: int, params: DetectorInputParams) -> list[tuple[int, int]]:
@@ -484,14 +438,14 @@ def detector_batches(
         :func:`batch_plan`: ``batch_frames`` or up to 1.5× that for the last
         one) zero-padded at the end to a multiple of ``params.pad_multiple``.
     """
-    check_movie(movie, "detector_batches")
+    check_movie(movie, "detector_batches", min_frames=2, why=" to estimate the noise")
     if stats is None:
         stats = pixel_statistics(movie, max_frames=params.stats_frames)
     k = params.factor
     step = max(k, (max(1, read_frames) // k) * k)
     for start, stop in batch_plan(int(movie.sizes["frame"]), params):
         pieces = [
-            bin_block(np.asarray(movie.data[a : min(a + step, stop)]), k)
+            sum_bins(np.asarray(movie.data[a : min(a + step, stop)]), k)
             for a in range(start, stop, step)
         ]
         yield start, pad_batch(compensate(np.concatenate(pieces), stats, params), params.pad_multiple)

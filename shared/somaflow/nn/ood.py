@@ -16,7 +16,8 @@ import xarray as xr
 
 from somaflow.errors import InputError, ParameterError
 from somaflow.footprints import project, sparse_masks
-from somaflow.nn.inputs import check_movie, pixel_statistics
+from somaflow.frames import check_movie
+from somaflow.nn.inputs import pixel_statistics
 from somaflow.nn.targets import check_masks
 from somaflow.preprocess.temporal import BinParams
 from somaflow.robust import abs_diff_noise_sd
@@ -75,7 +76,7 @@ def cell_snr(movie: xr.DataArray, masks: np.ndarray) -> np.ndarray:
         (N,) float64; 0 for empty masks.
     """
 
-    check_movie(movie, "cell_snr")
+    check_movie(movie, "cell_snr", min_frames=2, why=" to estimate the noise")
     m = check_masks(masks, "cell_snr")
     if m.shape[1:] != tuple(movie.shape[1:]):
         raise InputError(

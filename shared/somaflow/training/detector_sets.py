@@ -16,9 +16,10 @@ import numpy as np
 import xarray as xr
 
 from somaflow.errors import ParameterError
+from somaflow.frames import check_movie
 from somaflow.nn.augment import random_crops
 from somaflow.nn.images import mean_channel, summary_channels
-from somaflow.nn.inputs import DetectorInputParams, check_movie, detector_batch, pixel_statistics
+from somaflow.nn.inputs import DetectorInputParams, detector_batch, pixel_statistics
 from somaflow.nn.ood import input_statistics
 from somaflow.nn.targets import centroid_target, union_target
 from somaflow.params import RunParams
@@ -61,7 +62,7 @@ def detection_summary_images(
         ``pnr_image``, each (y, x) float32.
     """
 
-    check_movie(movie, "detection_summary_images")
+    check_movie(movie, "detection_summary_images", min_frames=2, why=" to estimate the noise")
     p = RunParams.for_movie(fps, modality, neuron_radius, shape=tuple(movie.shape))
     return summary_images(
         detection_movie(movie.assign_attrs(fps=float(fps)), p.preprocess), p.summary

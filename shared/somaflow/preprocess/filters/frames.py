@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from somaflow.errors import InputError
-from somaflow.io.chunks import plan_frame_chunks
+from somaflow import frames
+from somaflow.frames import check_movie
 from somaflow.preprocess.filters.params import DEFAULT_MEMORY_BUDGET
 
 log = logging.getLogger(__name__)
@@ -43,25 +42,8 @@ def whole_frames(movie: xr.DataArray, who: str = "this filter") -> da.Array:
     InputError
         Wrong dims, no frames, or a non-real dtype.
     """
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(
-            f"{who} needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
-            "Transpose or rename it (movie.transpose('frame', 'y', 'x'))."
-        )
-    if movie.size == 0:
-        raise InputError(f"{who} got an empty movie of shape {movie.shape}; pass at least one frame.")
-    if not (np.issubdtype(movie.dtype, np.integer) or np.issubdtype(movie.dtype, np.floating)):
-        raise InputError(f"{who}: movie dtype {movie.dtype} is not a real number type; convert it to float32.")
-    data = movie.data
-    n_frames, ny, nx = movie.shape
-    if not isinstance(data, da.Array):
-        frames = plan_frame_chunks((n_frames, ny, nx), 4, DEFAULT_MEMORY_BUDGET)
-        return da.from_array(np.asarray(data), chunks=(frames, ny, nx))
-    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
-        frames = max(1, min(n_frames, math.prod(data.chunksize) // (ny * nx)))
-        log.debug("%s: rechunking %s chunks to whole frames (%d frames each)", who, data.chunksize, frames)
-        data = data.rechunk({0: frames, 1: -1, 2: -1})
-    return data
+    check_movie(movie, who)
+    return frames.whole_frames(movie, memory_budget=DEFAULT_MEMORY_BUDGET, keep_chunk_bytes=True)
 
 
 def _like(data: da.Array, movie: xr.DataArray, **attrs: object) -> xr.DataArray:

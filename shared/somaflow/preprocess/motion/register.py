@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from somaflow.errors import InputError, ParameterError
-from somaflow.io.chunks import plan_frame_chunks
+from somaflow.frames import check_movie, whole_frames
 from somaflow.preprocess.motion.apply import _apply_block
 from somaflow.preprocess.motion.geometry import _geometry, _spline_matrix
 from somaflow.preprocess.motion.matching import _estimate_block
@@ -51,7 +51,7 @@ def compute_template(movie: xr.DataArray, p: MotionParams) -> xr.DataArray:
     InputError
         ``movie`` does not have dims (frame, y, x) or is not real-valued.
     """
-    _validate(movie)
+    check_movie(movie, "motion correction", min_side=8)
     n_frames = int(movie.sizes["frame"])
     idx = np.unique(np.round(np.linspace(0, n_frames - 1, min(p.template_frames, n_frames))))
     idx = idx.astype(np.int64)
@@ -138,7 +138,7 @@ def estimate_shifts(movie: xr.DataArray, template: xr.DataArray, p: MotionParams
     InputError
         ``movie`` or ``template`` has the wrong dims or frame size.
     """
-    _validate(movie)
+    check_movie(movie, "motion correction", min_side=8)
     if p.mode == "auto":
         raise ParameterError(
             "estimate_shifts needs a registration model; resolve motion.mode 'auto' first "
@@ -146,7 +146,7 @@ def estimate_shifts(movie: xr.DataArray, template: xr.DataArray, p: MotionParams
         )
     ny, nx = int(movie.sizes["y"]), int(movie.sizes["x"])
     tmpl = _template_array(template, (ny, nx))
-    data = _frame_chunked(movie)
+    data = whole_frames(movie, memory_budget=DEFAULT_MEMORY_BUDGET)
     n_frames = data.shape[0]
     geom = _geometry(p, (ny, nx))
     gy, gx = len(geom.centers[0]), len(geom.centers[1])
@@ -230,8 +230,8 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
     ParameterError
         ``p.mode == "piecewise"`` but ``shifts_ds`` has no ``patch_shifts``.
     """
-    _validate(movie)
-    data = _frame_chunked(movie)
+    check_movie(movie, "motion correction", min_side=8)
+    data = whole_frames(movie, memory_budget=DEFAULT_MEMORY_BUDGET)
     n_frames, ny, nx = data.shape
     if p.mode == "none":
         out = data.astype(np.float32)
@@ -318,7 +318,7 @@ def crop_border(movie: xr.DataArray, shifts_ds: xr.Dataset) -> xr.DataArray:
     InputError
         The crop would leave no pixels.
     """
-    _validate(movie)
+    check_movie(movie, "motion correction", min_side=8)
     parts = [np.abs(np.asarray(shifts_ds["shifts"].transpose(..., "axis").values)).reshape(-1, 2)]
     if "patch_shifts" in shifts_ds:
         ps = shifts_ds["patch_shifts"].transpose(..., "axis").values
@@ -370,19 +370,6 @@ def shifts_at(shifts_ds: xr.Dataset, y: np.ndarray, x: np.ndarray) -> xr.DataArr
     )
 
 
-def _validate(movie: xr.DataArray) -> None:
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(
-            f"motion correction needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
-            "Transpose or rename it (movie.transpose('frame', 'y', 'x'))."
-        )
-    if not (np.issubdtype(movie.dtype, np.integer) or np.issubdtype(movie.dtype, np.floating)):
-        raise InputError(f"movie dtype {movie.dtype} is not a real number type; convert it to float32.")
-    if movie.sizes["frame"] < 1 or movie.sizes["y"] < 8 or movie.sizes["x"] < 8:
-        raise InputError(
-            f"motion correction needs at least 1 frame of at least 8x8 px, got {dict(movie.sizes)}."
-        )
-
 
 def _template_array(template: xr.DataArray | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if isinstance(template, xr.DataArray) and tuple(template.dims) != ("y", "x"):
@@ -399,17 +386,6 @@ def _template_array(template: xr.DataArray | np.ndarray, shape: tuple[int, int])
         raise InputError("template holds NaN or inf; compute it with compute_template.")
     return arr
 
-
-def _frame_chunked(movie: xr.DataArray) -> da.Array:
-    """The movie as a dask array of whole frames (frame chunks kept or planned)."""
-    data = movie.data
-    if not isinstance(data, da.Array):
-        arr = np.asarray(data)
-        n = plan_frame_chunks(arr.shape, 4, DEFAULT_MEMORY_BUDGET)
-        return da.from_array(arr, chunks=(n, -1, -1))
-    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
-        data = data.rechunk({1: -1, 2: -1})
-    return data
 
 
 def _dask_of(arr: xr.DataArray) -> da.Array:
