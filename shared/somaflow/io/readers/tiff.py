@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,39 +113,30 @@ _TIME_UNITS = {
 }
 
 
-def _tiff_ifd_problem(fh: Any, size: int, max_pages: int = 1 << 24) -> str | None:
-    """Walk the TIFF directory chain; describe the first pointer past the end of the file."""
-    fh.seek(0)
-    head = fh.read(16)
-    if head[:2] not in (b"II", b"MM"):
-        return "it does not start with a TIFF header"
-    e = "<" if head[:2] == b"II" else ">"
-    version = struct.unpack(e + "H", head[2:4])[0]
-    if version == 42:
-        offset = struct.unpack(e + "I", head[4:8])[0]
-        cnt, cnt_size, tag_size, off, off_size = "H", 2, 12, "I", 4
-    elif version == 43 and len(head) == 16:
-        offset = struct.unpack(e + "Q", head[8:16])[0]
-        cnt, cnt_size, tag_size, off, off_size = "Q", 8, 20, "Q", 8
-    else:
-        return "it does not start with a TIFF header"
-    seen: set[int] = set()
-    page = 0
-    while offset and page < max_pages:
-        if offset in seen:
-            return f"its page directories form a loop at byte {offset}"
-        seen.add(offset)
-        if offset + cnt_size > size:
-            return f"page {page}'s directory should start at byte {offset}, past the end of the {size}-byte file"
-        fh.seek(offset)
-        ntags = struct.unpack(e + cnt, fh.read(cnt_size))[0]
-        end = offset + cnt_size + ntags * tag_size
-        if end + off_size > size:
-            return f"page {page}'s directory ends at byte {end + off_size}, past the end of the {size}-byte file"
-        fh.seek(end)
-        offset = struct.unpack(e + off, fh.read(off_size))[0]
-        page += 1
-    return None
+class _PageChainWarnings(logging.Handler):
+    """Collects what tifffile reports while it walks a file's page directories."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "TiffPages" in message:  # an invalid or looping page offset: the chain is broken
+            self.messages.append(message.split("> ", 1)[-1])
+
+
+@contextlib.contextmanager
+def _page_chain_problems() -> Iterator[list[str]]:
+    """tifffile's own validation of the page chain (its warnings while ``len(tif.pages)``
+    walks every directory), as a list of problems."""
+    handler = _PageChainWarnings()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def _tiff_data_problem(tif: Any, size: int) -> str | None:
@@ -232,15 +222,11 @@ def _open_tiff(
 ) -> tuple[_TiffSource, dict[str, Any], str]:
     size = int(info.get("size") or 0)
     try:
-        with _open_binary(url, so) as fh:
-            problem = _tiff_ifd_problem(fh, size)
-        if problem is not None:
-            raise InputError(
-                f"{url} is a truncated or corrupt TIFF: {problem}. Re-copy or re-export the file."
-            )
-        with _tiff_file(url, so) as tif:
+        with _page_chain_problems() as chain, _tiff_file(url, so) as tif:
+            n_pages = len(tif.pages)  # tifffile walks and checks every page directory
             series = tif.series[0]
-            problem = _tiff_data_problem(tif, size) or _tiff_count_problem(tif)
+            problem = (f"tifffile: {chain[0]} after {n_pages} pages" if chain else None) \
+                or _tiff_data_problem(tif, size) or _tiff_count_problem(tif)
             if problem is not None:
                 raise InputError(
                     f"{url} is a truncated or corrupt TIFF: {problem}. Re-copy or re-export the file."
@@ -261,8 +247,8 @@ def _open_tiff(
         raise
     except Exception as exc:  # tifffile raises many kinds on malformed files
         raise InputError(
-            f"cannot read {url} as a TIFF ({type(exc).__name__}: {exc}). The file is corrupt, "
-            "truncated or not a TIFF; re-copy or re-export it."
+            f"cannot read {url} as a TIFF ({type(exc).__name__}: {exc}): it is a truncated or corrupt "
+            "TIFF, or not a TIFF; re-copy or re-export it."
         ) from exc
     src = _TiffSource(url, so, shape, np.dtype(dtype), by_page=page_frames)
     guess = "".join(_TIFF_AXIS_LETTERS.get(a, "?") for a in file_axes)
