@@ -18,25 +18,26 @@ from somaflow.io.readers.hdf5 import _attr_str, _h5_file, _h5_open_error, _H5Sou
 def _open_nwb(
     url: str, so: dict[str, Any] | None, dataset: str | None
 ) -> tuple[_H5Source, dict[str, Any], str]:
-    """NWB files are HDF5: find the imaging series by their ``neurodata_type``.
+    """The imaging series of an NWB file, found by pynwb (every ``ImageSeries``, which
+    includes ``TwoPhotonSeries`` and ``OnePhotonSeries``), read lazily from its HDF5 dataset.
 
     NWB's ``ImageSeries.data`` is documented as (frames, x, y), but writers
     (Suite2p, CaImAn, most DANDI data) store rows first, i.e. (frames, y, x);
     the default axes ``tyx`` follows the writers. Pass ``axes="txy"`` for a file
     that follows the letter of the schema.
     """
+    from pynwb import NWBHDF5IO  # heavy (hdmf, pandas): loaded for NWB inputs only
+    from pynwb.image import ImageSeries
+
     try:
-        with _h5_file(url, so) as f:
-            series: list[tuple[str, str, tuple[int, ...], np.dtype]] = []
-
-            def visit(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Group):
-                    ntype = _attr_str(obj.attrs.get("neurodata_type", ""))
-                    data = obj.get("data")
-                    if ntype in NWB_MOVIE_TYPES and isinstance(data, h5py.Dataset):
-                        series.append(("/" + name, ntype, tuple(data.shape), data.dtype))
-
-            f.visititems(visit)
+        with _h5_file(url, so) as f, NWBHDF5IO(file=f, mode="r", load_namespaces=True) as io:
+            nwb = io.read()
+            # TwoPhotonSeries and OnePhotonSeries are ImageSeries; data stored in the file has a path
+            found = {o.data.name.rsplit("/", 1)[0]: o for o in nwb.objects.values()
+                     if isinstance(o, ImageSeries) and isinstance(o.data, h5py.Dataset)}
+            series: list[tuple[str, str, tuple[int, ...], np.dtype]] = sorted(
+                (p, o.neurodata_type, tuple(o.data.shape), o.data.dtype) for p, o in found.items()
+                if o.neurodata_type in NWB_MOVIE_TYPES)
             photon = [s for s in series if s[1] != "ImageSeries"]
             cands = photon or series
             listing = ", ".join(f"{p} ({t}, {s})" for p, t, s, _ in series) or "none"
@@ -68,25 +69,23 @@ def _open_nwb(
                     )
                 chosen = cands
             path, ntype, shape, dtype = chosen[0]
-            group = f[path]
-            if math.prod(shape) == 0 and "external_file" in group:
+            obj = found[path]
+            if math.prod(shape) == 0 and obj.external_file is not None:
                 raise InputError(
                     f"{url}: {path} keeps its frames in external files "
-                    f"({[_attr_str(x) for x in group['external_file'][()]]}). Open those files instead."
+                    f"({[_attr_str(x) for x in obj.external_file[()]]}). Open those files instead."
                 )
             attrs: dict[str, Any] = {"dataset": path + "/data", "nwb_type": ntype}
-            fps = None
-            if "starting_time" in group:
-                fps = _positive_fps(group["starting_time"].attrs.get("rate"))
-            if fps is None and "timestamps" in group and len(group["timestamps"]) > 1:
-                ts = np.asarray(group["timestamps"][:1001], dtype=np.float64)
+            fps = _positive_fps(obj.rate) if obj.rate is not None else None
+            if fps is None and obj.timestamps is not None and len(obj.timestamps) > 1:
+                ts = np.asarray(obj.timestamps[:1001], dtype=np.float64)
                 step = float(np.median(np.diff(ts)))
                 fps = 1.0 / step if step > 0 else None
             if fps is not None:
                 attrs["fps"] = fps
     except SomaflowError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # not NWB, or a namespace pynwb cannot build
         raise _h5_open_error(url, exc, "NWB (HDF5)") from exc
     _check_dtype(dtype, url)
     return _H5Source(url, so, shape, np.dtype(dtype), dataset=path + "/data"), attrs, ""
