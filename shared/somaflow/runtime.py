@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dask.system import CPU_COUNT
+from distributed.diagnostics.progress import AllProgress
 
 from somaflow import kube
 from somaflow.errors import ParameterError, StoreError
@@ -203,8 +204,16 @@ def console_progress(stream: TextIO | None = None, bars: bool | None = None) -> 
 
 
 def _scheduler_backlog(dask_scheduler: Any) -> int:
-    """Tasks on the scheduler that have not finished yet (runs on the scheduler)."""
-    return sum(1 for ts in dask_scheduler.tasks.values() if ts.state in _PENDING_STATES)
+    """Tasks on the scheduler that have not finished yet (runs on the scheduler).
+
+    Read from distributed's progress diagnostics (:class:`distributed.diagnostics.progress.AllProgress`,
+    the plugin behind the dashboard's progress view: task keys by state and key prefix, kept
+    up to date on every transition), registered on first use; no walk over every task.
+    """
+    plugin = dask_scheduler.plugins.get(AllProgress.name)
+    if plugin is None:
+        plugin = AllProgress(dask_scheduler)  # registers itself with the scheduler
+    return sum(len(keys) for state in _PENDING_STATES for keys in plugin.state[state].values())
 
 
 def bar_fraction(backlog: int, peak: int) -> float:
