@@ -129,14 +129,17 @@ class _PageChainWarnings(logging.Handler):
 @contextlib.contextmanager
 def _page_chain_problems() -> Iterator[list[str]]:
     """tifffile's own validation of the page chain (its warnings while ``len(tif.pages)``
-    walks every directory), as a list of problems."""
+    walks every directory), as a list of problems; tifffile's other warnings are not shown."""
     handler = _PageChainWarnings()
     logger = logging.getLogger("tifffile")
+    propagate = logger.propagate
     logger.addHandler(handler)
+    logger.propagate = False  # they become this reader's one-line error, not console noise
     try:
         yield handler.messages
     finally:
         logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _tiff_data_problem(tif: Any, size: int) -> str | None:
