@@ -45,7 +45,8 @@ def main() -> None:
     from somaflow_flows.session import session_flow
 
     from somaflow.evaluate import evaluate
-    from somaflow.params import RunParams, load_params_file
+    from somaflow.io.config import load_params_file
+    from somaflow.params import RunParams
     from somaflow.runtime import dask_client
     from somaflow.simulate import simulate, write_simulation
 

@@ -42,15 +42,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import machine  # noqa: E402
 
+from somaflow.nn.augment import random_crops
+from somaflow.nn.features import stack_windows
+from somaflow.nn.images import mean_channel
+from somaflow.nn.inputs import detector_batch, pixel_statistics
+from somaflow.training.detector_sets import default_target, detector_target
+from somaflow.training.labelled import neurofinder_set
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PAPER_3CNET = {"accuracy": 0.858, "precision": 0.79, "recall": 0.848, "f1": 0.818}
 
 
 def classifier_section(presets: list[str], seeds: list[int], cache: str | None) -> dict:
     from somaflow.inference import LocalBackend
-    from somaflow.nn import data as nd
-    from somaflow.nn.recipes import candidate_arrays
     from somaflow.nn.train import binary_metrics
+    from somaflow.training.recipes import candidate_arrays
 
     arrays, _ = candidate_arrays(presets, seeds, None, cache)
     images, vectors, labels = arrays["images"], arrays["traces"], np.asarray(arrays["labels"], np.int64)
@@ -68,7 +74,7 @@ def classifier_section(presets: list[str], seeds: list[int], cache: str | None) 
         out["evaluator_labels"] = {"n_cells": int(ev.sum()),
                                    "always_cell_accuracy": float(ev.mean()) if len(ev) else None}
     for name, x, truth in (("3cnet", images, labels), ("3cnet-plus", (images[:, :1], vectors), labels),
-                           ("lstm", nd.stack_windows(list(arrays["windows"])), active)):
+                           ("lstm", stack_windows(list(arrays["windows"])), active)):
         t0 = time.perf_counter()
         prob = backend.predict(name, "default", x)
         out[name] = {**binary_metrics(prob >= 0.5, truth == 1), "seconds": round(time.perf_counter() - t0, 2)}
@@ -152,15 +158,14 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
     from somaflow.detect.postprocess import masks_from_centroids, probability_to_masks
     from somaflow.evaluate import match_caiman, match_iou, match_neurofinder
     from somaflow.inference import tiled_views, weights_path
-    from somaflow.nn import data as nd
     from somaflow.nn import load_checkpoint
-    from somaflow.nn.recipes import RECIPES
     from somaflow.nn.train import TrainParams, train_detector
+    from somaflow.training.recipes import RECIPES
 
     folder = DATA / "neurofinder_left"
     if not (folder / "regions.json").exists():
         return {"skipped": f"{folder} not found"}
-    ls = nd.neurofinder_set(folder)
+    ls = neurofinder_set(folder)
     H = ls.channels.shape[1]
     half = H // 2
     cy = np.array([np.argwhere(m)[:, 0].mean() for m in ls.masks])
@@ -175,7 +180,7 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
             with torch.no_grad():
                 return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(b, np.float32))), 1)[:, 1].numpy()
 
-        x = ls.channels if name == "unet2d" else nd.mean_channel(ls.images)
+        x = ls.channels if name == "unet2d" else mean_channel(ls.images)
         p = CnnParams.for_movie(ls.fps, "2p", ls.neuron_radius)  # the run's defaults: views, second pass
         prob = tiled_views(run, x, tile=256, margin=24, views=p.views(name))[half:]
         post = p.postprocess.model_copy(update={"threshold": thr})
@@ -192,10 +197,10 @@ def neurofinder_section(models: list[str], epochs: int) -> dict:
             continue
         thr = float(meta["metrics"].get("threshold", 0.5))
         before = scores(model, name, thr)
-        x = ls.channels[:, :half] if name == "unet2d" else nd.mean_channel(ls.images)[:, :half]
-        target = nd._target(train_masks, RECIPES[name].target or nd._default_target(name))  # as the recipe trains
+        x = ls.channels[:, :half] if name == "unet2d" else mean_channel(ls.images)[:, :half]
+        target = detector_target(train_masks, RECIPES[name].target or default_target(name))  # as the recipe trains
         rng = np.random.default_rng(0)
-        xs, ys = nd.random_crops(x, target, 64, 96, rng)
+        xs, ys = random_crops(x, target, 64, 96, rng)
         model.train()
         hist = train_detector(model, xs, ys, TrainParams(epochs=epochs, batch_size=16, lr=RECIPES[name].finetune_lr,
                                                          val_fraction=0.0), movie_input=False)
@@ -215,7 +220,6 @@ def speed_section(models: list[str], size: int, tta: int | None = None) -> dict:
 
     from somaflow.detect.cnn import CnnParams
     from somaflow.inference import LocalBackend, tiled_views
-    from somaflow.nn import data as nd
 
     rng = np.random.default_rng(0)
     fps = 30.0
@@ -237,9 +241,9 @@ def speed_section(models: list[str], size: int, tta: int | None = None) -> dict:
                 movie = (rng.poisson(50, (raw, size, size))).astype(np.float32)
                 import xarray as xr
 
-                stats = nd.pixel_statistics(xr.DataArray(movie[:200], dims=("frame", "y", "x")))
+                stats = pixel_statistics(xr.DataArray(movie[:200], dims=("frame", "y", "x")))
                 t0 = time.perf_counter()
-                batch = nd.detector_batch(movie, stats, p.input)
+                batch = detector_batch(movie, stats, p.input)
                 t1 = time.perf_counter()
                 tiled_views(lambda b, n=name, be=backend: be.predict(n, "default", b), batch[None], tile=p.tile,
                             margin=p.margin, views=p.views(name))

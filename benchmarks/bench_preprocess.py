@@ -38,11 +38,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from distributed import Client, LocalCluster
-    from somaflow_flows.session import motion_stage, summary_stage
 
     from somaflow.io import schema
     from somaflow.params import RunParams
     from somaflow.preprocess.motion import registration_model
+    from somaflow.session import stages
     from somaflow.simulate import as_dask_array, simulate
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="somaflow-bench-")
@@ -70,9 +70,9 @@ def main() -> None:
                                 shape=(T, Y, X))
         with PeakRSS(client) as mem:
             t0 = time.perf_counter()
-            corrected_url, motion = motion_stage.fn(movie_url, out_url, p)
+            corrected_url, motion = stages.motion(movie_url, out_url, p)
             t1 = time.perf_counter()
-            det, plain = summary_stage.fn(corrected_url, p)
+            det, plain = stages.summary(corrected_url, p)
             t2 = time.perf_counter()
         results.update({
             # the model registration used (motion.mode auto resolved) and what chose it

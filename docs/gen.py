@@ -205,6 +205,34 @@ def example_values(run_params: Any) -> list[Mapping[str, Any]]:
             for _, fps, modality, radius in EXAMPLES]
 
 
+def _section_annotation(run_params: Any, section: str) -> Any:
+    """The type of the dotted ``section`` of ``RunParams``, looked up through unions of models
+    (``extract.cnmf``: the ``cnmf`` field of the ``extract`` member that has one)."""
+    models: list[Any] = [run_params]
+    annotation: Any = None
+    for part in section.split("."):
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            raise KeyError(f"RunParams has no section {section!r}")
+        annotation = fields[0].annotation
+        models = _models_in(annotation)
+    return annotation
+
+
+def documented_sections(run_params: Any) -> set[str]:
+    """The sections a page must document: each top-level model field, and for a tagged union
+    of models (``extract``) each model field of its members instead (``extract.cnmf`` ...)."""
+    out = {"run"}
+    for name, field in run_params.model_fields.items():
+        members = _models_in(field.annotation)
+        subs = {f"{name}.{sub}" for m in members for sub, f in m.model_fields.items() if _models_in(f.annotation)}
+        if len(members) > 1 and subs:
+            out |= subs
+        elif members:
+            out.add(name)
+    return out
+
+
 def params_table(section: str, run_params: Any, examples: list[Mapping[str, Any]] | None = None) -> str:
     """The markdown table of ``RunParams.SECTION`` (``run``: the top-level fields)."""
     examples = example_values(run_params) if examples is None else examples
@@ -213,10 +241,7 @@ def params_table(section: str, run_params: Any, examples: list[Mapping[str, Any]
     if section == "run":
         rows = _rows(run_params, [], list(examples), leaf_only=True)
     else:
-        field = run_params.model_fields.get(section)
-        if field is None:
-            raise KeyError(f"RunParams has no section {section!r}")
-        rows = _model_rows(field.annotation, [section], list(examples))
+        rows = _model_rows(_section_annotation(run_params, section), section.split("."), list(examples))
     note = ("Values are the defaults `somaflow run` derives for each example movie "
             f"({EXAMPLE_SHAPE[1]} × {EXAMPLE_SHAPE[2]} pixels, {EXAMPLE_SHAPE[0]} frames); "
             "override any of them in a `--params` YAML file under its dotted name.\n\n")
@@ -260,8 +285,9 @@ def render(docs: Path = DOCS, parser: argparse.ArgumentParser | None = None,
             return m.group(1) + params_table(m["section"], run_params, examples) + m.group(4)
 
         pages[page] = BLOCK.sub(fill, text)
-    sections = {"run"} | {name for name, f in run_params.model_fields.items() if _models_in(f.annotation)}
-    return pages, sorted(sections - seen)
+    required = documented_sections(run_params)
+    covered = {r for r in required if r in seen or any(r.startswith(f"{s}.") for s in seen)}
+    return pages, sorted(required - covered)
 
 
 def stale(docs: Path = DOCS, parser: argparse.ArgumentParser | None = None,

@@ -24,30 +24,24 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from somaflow_flows.session import session_flow, session_params
+from somaflow_flows.session import session_flow
 
 from somaflow import runtime
-from somaflow.errors import SomaflowError
 from somaflow.io import stores
+from somaflow.io.config import load_params_file
 from somaflow.manifest import (
     SUMMARY_NAME,
     SessionSpec,
     check_outputs_apart,
+    failure_reason,
     is_glob,
     merge_overrides,
     read_manifest,
     result_url,
     with_defaults,
 )
-from somaflow.params import inference_overrides, load_params_file
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line saying why a session failed (somaflow's errors name the fix too)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, SomaflowError):
-        return text or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+from somaflow.params import inference_overrides
+from somaflow.session import session_params
 
 
 @task(name="session")
@@ -156,19 +150,3 @@ def archive_flow(manifest: str, out: str, fps: float | None = None, modality: st
         description=f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed: "
                     f"{manifest} -> {prefix}")
     return summary
-
-
-def format_summary(d: dict[str, Any]) -> str:
-    """The summary as a table for the console."""
-    rows = [("session", "status", "units", "seconds", "reason")]
-    for r in d["sessions"]:
-        units = f"{r['n_accepted']}/{r['n_units']}" if "n_units" in r else "-"
-        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        rows.append((r["session"], r["status"], units, seconds, r["reason"] or ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-             for row in rows]
-    c = d["counts"]
-    lines.append(f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed in {d['seconds']} s; "
-                 f"summary: {d['summary']}")
-    return "\n".join(line.rstrip() for line in lines)

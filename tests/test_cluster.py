@@ -115,6 +115,28 @@ def test_bar_fraction():
     assert runtime.bar_fraction(0, 0) == 0.0
 
 
+def test_scheduler_backlog_comes_from_distributeds_progress_plugin():
+    """The progress bar's backlog: tasks not yet finished, as distributed's AllProgress counts them."""
+    import threading
+
+    from distributed import Client, Event
+
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+        gate = Event()
+        futures = client.map(lambda i, gate=gate: (gate.wait(), i)[1], range(5))
+        seen = 0
+        for _ in range(200):  # the tasks reach the scheduler
+            seen = client.run_on_scheduler(runtime._scheduler_backlog)
+            if seen == 5:
+                break
+            threading.Event().wait(0.05)
+        assert seen == 5
+        assert "all-progress" in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
+        gate.set()
+        assert client.gather(futures) == list(range(5))
+        assert client.run_on_scheduler(runtime._scheduler_backlog) == 0
+
+
 def test_progress_lines_go_to_the_given_stream(tmp_path):
     import io
 

@@ -14,6 +14,9 @@ from somaflow.evaluate import evaluate
 from somaflow.evaluate.groundtruth import Truth
 from somaflow.extract import cnmf as C
 from somaflow.extract import seeds as S
+from somaflow.extract.cnmf import fit as CF
+from somaflow.extract.cnmf import patch as CP
+from somaflow.extract.cnmf import quality as CQ
 from somaflow.simulate import simulate
 
 
@@ -74,8 +77,9 @@ def test_plan_patches_tile_the_frame():
 def test_cnmf_finds_active_cells_and_patches_agree(sim, movie):
     base = C.CnmfParams.for_movie(10.0, "2p", 5.0)
     with dask.config.set(scheduler="threads"):
-        single = C.cnmf(movie, base.model_copy(update={"patch_size": 256}), fps=10.0)
-        tiled = C.cnmf(movie, base.model_copy(update={"patch_size": 48}), fps=10.0)
+        one, many = (base.model_copy(update={"patch_size": size}) for size in (256, 48))
+        single = C.cnmf(C.fit_movie(movie, one), one, fps=10.0)
+        tiled = C.cnmf(C.fit_movie(movie, many), many, fps=10.0)
     shape = movie.shape[1:]
     m1 = C.masks_from_footprints(single.footprints, shape, 0.3)
     m4 = C.masks_from_footprints(tiled.footprints, shape, 0.3)
@@ -98,9 +102,9 @@ def test_cnmf_finds_active_cells_and_patches_agree(sim, movie):
 
 
 def test_find_units_cnmf_schema(sim, movie):
-    from somaflow.extract import find_units
     from somaflow.params import RunParams
     from somaflow.preprocess.summary import summary_images
+    from somaflow.session import find_units
 
     mv = movie.assign_attrs(fps=10.0)
     p = RunParams.for_movie(10.0, "2p", 5.0, {"method": "cnmf"}, shape=movie.shape)
@@ -128,7 +132,7 @@ def test_find_units_cnmf_schema(sim, movie):
     # every unit's width is its mask's; accepted CNMF units are at least min_width_radii r wide
     np.testing.assert_allclose(units["width"].values, C.mask_width(units["masks"].values), rtol=1e-5)
     is_cnmf = units["kind"].values == "cnmf"
-    assert (units["width"].values[acc & is_cnmf] >= p.cnmf.min_width_radii * 5.0).all()
+    assert (units["width"].values[acc & is_cnmf] >= p.extract.cnmf.min_width_radii * 5.0).all()
     res = evaluate(pred, true, allow_offset=False)
     assert res["f1"] >= 0.85, res  # measured 0.94 (local-maxima morphology: 0.78)
     # the default neuropil-corrected footprint means: measured 0.879 (cnmf.traces='demixed': 0.825)
@@ -136,9 +140,9 @@ def test_find_units_cnmf_schema(sim, movie):
 
 
 def test_cnmf_morphology_falls_back_outside_the_unet_training_range(movie):
-    from somaflow.extract import find_units
     from somaflow.params import RunParams
     from somaflow.preprocess.summary import summary_images
+    from somaflow.session import find_units
 
     # the U-Net saw 10 Hz movies binned to 5 Hz; an unbinned 2 Hz movie is outside that
     mv = movie.assign_attrs(fps=2.0)
@@ -171,12 +175,12 @@ def test_fit_images_tiles_equal_one_tile(monkeypatch):
     arr = rng.random((30, 70, 90)).astype(np.float32)
     arr[:, 20:26, 30:36] += np.linspace(0, 3, 30, dtype=np.float32)[:, None, None]
     mv = xr.DataArray(da.from_array(arr, chunks=(-1, 35, 45)), dims=("frame", "y", "x"))
-    monkeypatch.setattr(C, "_IMAGE_TILE", 10_000)
+    monkeypatch.setattr(CF, "_IMAGE_TILE", 10_000)
     with dask.config.set(scheduler="threads"):
-        ref = C._fit_images(mv, 2.0)
-        monkeypatch.setattr(C, "_IMAGE_TILE", 32)  # 2 x 3 tiles with a 17 px halo
-        tiled = C._fit_images(mv, 2.0)
-        read = C._fit_images(mv, 2.0, read=lambda reg: arr[:, reg[0], reg[1]])
+        ref = CF._fit_images(mv, 2.0)
+        monkeypatch.setattr(CF, "_IMAGE_TILE", 32)  # 2 x 3 tiles with a 17 px halo
+        tiled = CF._fit_images(mv, 2.0)
+        read = CF._fit_images(mv, 2.0, read=lambda reg: arr[:, reg[0], reg[1]])
     for name in ref.data_vars:
         np.testing.assert_array_equal(tiled[name].values, ref[name].values, err_msg=name)
         np.testing.assert_array_equal(read[name].values, ref[name].values, err_msg=name)
@@ -211,10 +215,10 @@ def test_contrast_exempt_accepts_soma_sized_active_units_that_share_little():
     active = np.array([True, True, False, True, True])
     width = C.mask_width(masks)
     cp = C.CnmfParams(neuron_radius=5.0, contrast_exempt_size=1.0)
-    assert C._contrast_exempt(masks, accepted, active, width, cp).tolist() == [True, False, False, False, False]
+    assert CQ._contrast_exempt(masks, accepted, active, width, cp).tolist() == [True, False, False, False, False]
     # a larger factor asks for more than a 5.5-px disk
     cp2 = cp.model_copy(update={"contrast_exempt_size": 1.3})
-    assert not C._contrast_exempt(masks, accepted, active, width, cp2).any()
+    assert not CQ._contrast_exempt(masks, accepted, active, width, cp2).any()
     # 2p movies get it, 1p ones do not
     assert C.CnmfParams.for_movie(10.0, "2p", 5.0).contrast_exempt_size == 1.0
     assert C.CnmfParams.for_movie(10.0, "1p", 6.0).contrast_exempt_size is None
@@ -245,12 +249,12 @@ def test_residual_pnr_finds_a_hidden_transient():
     trace[[50, 120]] = 6.0
     trace = np.convolve(trace, np.exp(-np.arange(15) / 5.0))[:T].astype(np.float32)
     V += trace[:, None, None] * disk[None]
-    img = C._residual_pnr(V.reshape(T, -1).T.copy(), (h, w), r)
-    pts = C._local_peaks(img, 8.0, 0.8 * r)
+    img = CP._residual_pnr(V.reshape(T, -1).T.copy(), (h, w), r)
+    pts = CP._local_peaks(img, 8.0, 0.8 * r)
     assert len(pts) >= 1 and np.hypot(*(pts[0] - [20, 25])) <= 2
     # pure noise: nothing above the threshold
     noise = rng.normal(0, 1, (T, h, w)).astype(np.float32)
-    assert len(C._local_peaks(C._residual_pnr(noise.reshape(T, -1).T.copy(), (h, w), r), 8.0, 0.8 * r)) == 0
+    assert len(CP._local_peaks(CP._residual_pnr(noise.reshape(T, -1).T.copy(), (h, w), r), 8.0, 0.8 * r)) == 0
 
 
 def test_morphology_masks_seed_components_unless_covered():
@@ -265,13 +269,13 @@ def test_morphology_masks_seed_components_unless_covered():
     params = C.CnmfParams(neuron_radius=4.0)
     morph = (np.array([7]), disk[None], np.array([True]))
     A_cols, C_rows, windows, keep = [], [], [], []
-    origin = C._add_morphology(R, morph, A_cols, C_rows, windows, keep, (h, w), params)
+    origin = CP._add_morphology(R, morph, A_cols, C_rows, windows, keep, (h, w), params)
     assert origin == [7] and keep == [True] and len(A_cols) == 1
     assert np.corrcoef(C_rows[0], c_true)[0, 1] > 0.95
     assert float((R**2).sum()) < 0.3 * energy  # its light was taken out of the residual
     # a mask an existing component already covers adds nothing
     R2 = R.copy()
-    covered = C._add_morphology(R2, morph, [disk.ravel().astype(np.float32)], [c_true], [np.arange(h * w)], [True],
+    covered = CP._add_morphology(R2, morph, [disk.ravel().astype(np.float32)], [c_true], [np.arange(h * w)], [True],
                                 (h, w), params)
     assert covered == [] and np.array_equal(R2, R)
 
@@ -300,7 +304,7 @@ def test_lstm_seed_cleansing_plugs_in(sim, movie, tmp_path, bias, kept):
 
 def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions():
     from somaflow.oasis import deconvolve
-    from somaflow.traces import TraceParams, _window_frames, dff_rows
+    from somaflow.traces import TraceParams, dff_rows, window_frames
 
     rng = np.random.default_rng(3)
     spikes = rng.random((37, 400)) < 0.02
@@ -311,7 +315,7 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
     with dask.config.set(scheduler="threads"):
         calcium, s_out, dff = C.temporal_outputs(raw, fluo, 10.0, tp)
     ref = deconvolve(raw, 10.0, params=tp.deconvolution)  # one kernel shared by all 37 units, 3 blocks
-    window = _window_frames(tp.baseline_window_s * 10.0, 400)
+    window = window_frames(tp.baseline_window_s * 10.0, 400)
     ref_dff = dff_rows(fluo, fluo, window=window, percentile=tp.baseline_percentile,
                        samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
     assert calcium.dtype == s_out.dtype == dff.dtype == np.float32
@@ -328,7 +332,7 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
 
 
 def test_sparse_footprints_equal_the_dense_definition():
-    from somaflow.assemble import footprints_from_masks, sparse_footprints
+    from somaflow.footprints import footprints_from_masks, sparse_footprints
 
     rng = np.random.default_rng(4)
     masks = np.zeros((6, 20, 24), bool)
@@ -367,7 +371,7 @@ def test_neuropil_traces_weigh_each_mask_by_its_footprint(sim, movie):
     p = RunParams.for_movie(10.0, "2p", 5.0, {"method": "cnmf"}, shape=movie.shape)
     mv = movie.assign_attrs(fps=10.0)
     with dask.config.set(scheduler="threads"):
-        calcium, spikes, dff = C.neuropil_traces(mv, sp.csr_matrix(fp.reshape(6, -1)), masks, p)
+        calcium, spikes, dff = C.neuropil_traces(mv, sp.csr_matrix(fp.reshape(6, -1)), masks, p.traces)
         weights = fp * masks
         weights[5] = masks[5]
         ref = extract_traces(mv, xr.DataArray(weights, dims=("unit", "y", "x")), p.traces).compute()
@@ -380,7 +384,7 @@ def test_neuropil_traces_weigh_each_mask_by_its_footprint(sim, movie):
 def test_dense_footprints_are_lazy_blocks_of_the_sparse_rows(monkeypatch):
     import scipy.sparse as sp
 
-    from somaflow import assemble
+    from somaflow import footprints as assemble
     from somaflow.errors import InputError
 
     rng = np.random.default_rng(5)

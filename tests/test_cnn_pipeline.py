@@ -12,6 +12,8 @@ import xarray as xr
 
 from conftest import run_cli
 from somaflow.io import schema
+from somaflow.nn.features import candidate_examples, masked_mean_images
+from somaflow.training.detector_sets import simulated_detector_set
 
 torch = pytest.importorskip("torch")
 
@@ -19,7 +21,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def unet_weights(tmp_path_factory):
     """A U-Net trained briefly on two tiny 2p sessions (seconds on a CPU)."""
-    from somaflow.nn.recipes import train_model
+    from somaflow.training.recipes import train_model
 
     out = tmp_path_factory.mktemp("weights") / "unet2d.safetensors"
     summary = train_model("unet2d", str(out), presets=["2p-small"], seeds=[1000, 1001], epochs=3,
@@ -49,11 +51,10 @@ def test_training_writes_a_complete_checkpoint(unet_weights):
 
 def test_parallel_session_preparation_gives_the_same_examples():
     """--jobs prepares simulated sessions in processes; each draws from its own child generator."""
-    from somaflow.nn import data as nd
 
     kw = dict(crop=32, n_crops=3, n_frames=60, target="separated")
-    x1, y1, s1 = nd.simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5), **kw)
-    x2, y2, s2 = nd.simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5),
+    x1, y1, s1 = simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5), **kw)
+    x2, y2, s2 = simulated_detector_set("unet2d", ["2p-small"], [1000, 1001], rng=np.random.default_rng(5),
                                            jobs=2, **kw)
     assert x1.shape == (6, 4, 32, 32) and np.array_equal(x1, x2) and np.array_equal(y1, y2)
     assert [s["seed"] for s in s2] == [1000, 1001]
@@ -115,7 +116,7 @@ def test_training_lowers_the_loss():
 
 def test_fine_tuning_starts_from_the_weights(unet_weights, tmp_path):
     from somaflow.nn import load_checkpoint
-    from somaflow.nn.recipes import train_model
+    from somaflow.training.recipes import train_model
 
     base, _ = unet_weights
     tuned = tmp_path / "tuned.safetensors"
@@ -128,22 +129,22 @@ def test_fine_tuning_starts_from_the_weights(unet_weights, tmp_path):
 
 
 def _images(sim) -> xr.Dataset:
-    from somaflow.nn.data import _sim_movie, detection_summary_images
+    from somaflow.training.detector_sets import detection_summary_images, sim_movie
 
     m = sim.meta
-    return detection_summary_images(_sim_movie(sim), m["fps"], m["modality"], m["neuron_radius"])
+    return detection_summary_images(sim_movie(sim), m["fps"], m["modality"], m["neuron_radius"])
 
 
 def test_detect_cnn_finds_units_and_warns_out_of_distribution(unet_weights):
     from somaflow.detect.cnn import CnnParams, detect_cnn
     from somaflow.evaluate import match_iou
-    from somaflow.nn.data import _sim_movie
     from somaflow.simulate import simulate
+    from somaflow.training.detector_sets import sim_movie
 
     out, _ = unet_weights
     sim = simulate("2p-small", seed=7, n_frames=100, motion="none")
     p = CnnParams.for_movie(10.0, "2p", 5.0).model_copy(update={"weights": {"unet2d": str(out)}})
-    units = detect_cnn(_sim_movie(sim), _images(sim), "unet2d", p, 5.0)
+    units = detect_cnn(sim_movie(sim), _images(sim), "unet2d", p, 5.0)
     assert units["masks"].dims == ("unit", "y", "x") and units["masks"].dtype == bool
     assert units.sizes["unit"] > 5
     assert float(units["score"].min()) >= 0 and float(units["score"].max()) <= 1
@@ -153,7 +154,7 @@ def test_detect_cnn_finds_units_and_warns_out_of_distribution(unet_weights):
     # a 1p movie with 3x larger cells is outside what this model saw
     sim1 = simulate("1p-small", seed=7, n_frames=100, motion="none")
     p1 = CnnParams.for_movie(10.0, "1p", 18.0).model_copy(update={"weights": {"unet2d": str(out)}})
-    units1 = detect_cnn(_sim_movie(sim1), _images(sim1), "unet2d", p1, 18.0)
+    units1 = detect_cnn(sim_movie(sim1), _images(sim1), "unet2d", p1, 18.0)
     warnings = json.loads(units1.attrs["ood_warnings"])
     assert any("modality 1p" in w for w in warnings)
     assert any("radius" in w for w in warnings)
@@ -165,11 +166,12 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     # the dense masks of all batches in batch order, the probability their maximum
     from somaflow.detect.cnn import CnnParams, _batch_task, detect_cnn
     from somaflow.detect.postprocess import fuse_batches, probability_to_masks
-    from somaflow.nn.data import _sim_movie, batch_plan, pixel_statistics
+    from somaflow.nn.inputs import batch_plan, pixel_statistics
     from somaflow.simulate import simulate
+    from somaflow.training.detector_sets import sim_movie
 
     sim = simulate("2p-small", seed=8, n_frames=100, motion="none")
-    movie = _sim_movie(sim).chunk({"frame": 25})
+    movie = sim_movie(sim).chunk({"frame": 25})
     p = CnnParams.for_movie(10.0, "2p", 5.0)
     p = p.model_copy(update={"input": p.input.model_copy(update={"batch_frames": 10}), "ood_check": False})
     units = detect_cnn(movie, _images(sim), "stneuronet", p, 5.0)
@@ -195,13 +197,13 @@ def test_mean_image_convnet_grows_its_centroid_markers_on_the_mean_image():
     # the markers grown on the mean image, with no second pass
     from somaflow.detect.cnn import CnnParams, detect_cnn
     from somaflow.detect.postprocess import masks_from_centroids
-    from somaflow.nn.data import _sim_movie
     from somaflow.simulate import simulate
+    from somaflow.training.detector_sets import sim_movie
 
     sim = simulate("2p-small", seed=9, n_frames=100, motion="none")
     images = _images(sim)
     p = CnnParams.for_movie(10.0, "2p", 5.0).model_copy(update={"ood_check": False})
-    units = detect_cnn(_sim_movie(sim), images, "meanimage2d", p, 5.0)
+    units = detect_cnn(sim_movie(sim), images, "meanimage2d", p, 5.0)
     cnn = json.loads(units.attrs["cnn"])
     assert cnn["rescue_threshold"] is None and cnn["views"] == 4
     post = p.postprocess.model_copy(update={"threshold": cnn["threshold"]})
@@ -331,13 +333,12 @@ def test_detector_units_roi_image_same_in_training_and_inference():
     (dilated 2 px, median removed), built by one function for inference and training."""
     from somaflow.classify import cnet
     from somaflow.errors import InputError
-    from somaflow.nn import data as D
 
     rng = np.random.default_rng(2)
     masks = np.zeros((3, 50, 50), bool)
     masks[0, 10:16, 10:16] = masks[1, 30:37, 5:12] = masks[2, 20:25, 38:44] = True
     mean = rng.random((50, 50)).astype(np.float32)
-    rois = D.masked_mean_images(mean, masks)
+    rois = masked_mean_images(mean, masks)
     near = np.abs(rois) > 0
     assert near[0, 8:18, 10:16].all() and near[0, 10:16, 8:18].all() and not near[0, :7].any()  # 2-px margin
     np.testing.assert_allclose(rois[1, 33, 8], mean[33, 8] - np.median(mean), rtol=1e-6)
@@ -345,10 +346,10 @@ def test_detector_units_roi_image_same_in_training_and_inference():
     units = xr.Dataset({"masks": (("unit", "y", "x"), masks)})
     traces = xr.Dataset({"dff": (("unit", "frame"), dff)}, attrs={"fps": 10.0})
     images = xr.Dataset({"mean_image": (("y", "x"), mean)})
-    x_train, _, _ = D.candidate_examples(rois, masks, dff, fps=10.0)
+    x_train, _, _ = candidate_examples(rois, masks, dff, fps=10.0)
     np.testing.assert_array_equal(cnet.candidate_inputs(units, traces, images, "3cnet"), x_train)
     with pytest.raises(InputError):
-        D.masked_mean_images(mean[:40], masks)
+        masked_mean_images(mean[:40], masks)
 
 
 def test_weights_for_another_model_are_refused(unet_weights):

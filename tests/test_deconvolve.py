@@ -14,7 +14,7 @@ from scipy.optimize import nnls
 from scipy.signal import lfilter
 
 import somaflow
-import somaflow.oasis as dmod
+import somaflow.oasis.solve as dmod
 from somaflow.errors import InputError, ParameterError
 from somaflow.oasis import (
     DeconvolutionParams,

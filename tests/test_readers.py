@@ -424,9 +424,9 @@ def test_reading_happens_per_chunk_not_at_open(tmp_path, movie, monkeypatch):
     path = tmp_path / "lazy.tif"
     tifffile.imwrite(path, movie)
     reads: list = []
-    original = readers._TiffSource._read
+    original = readers.tiff._TiffSource._read
     monkeypatch.setattr(
-        readers._TiffSource, "_read", lambda self, key: reads.append(key) or original(self, key)
+        readers.tiff._TiffSource, "_read", lambda self, key: reads.append(key) or original(self, key)
     )
     m = open_input(str(path), frames_per_chunk=4)
     assert reads == [] and m.data.numblocks == (3, 1, 1)

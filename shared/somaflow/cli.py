@@ -2,6 +2,14 @@
 
 Errors a user can cause end with one line on stderr naming the problem and the
 fix, and a non-zero exit status; ``--debug`` shows the traceback.
+
+The top of the layers (docs/architecture.md): the command line calls the
+session API (:mod:`somaflow.session`) and the library, and imports the Prefect
+flows (``somaflow_flows``) only to enter a flow run. It is the one module that
+imports inside functions, on purpose: each command imports what it needs when
+it runs, so ``somaflow --help`` and a bad option answer without loading
+Prefect, Dask, xarray or torch (tests/test_layers.py holds every other module
+to top-level imports).
 """
 
 from __future__ import annotations
@@ -71,30 +79,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_prefect_env(debug=args.debug)
     check_cluster_option(args.cluster, args.cluster_spec)
     from somaflow import provenance
-    from somaflow.io import guard, stores
-    from somaflow.params import load_params_file
+    from somaflow.io import stores
+    from somaflow.io.config import load_params_file, merge_overrides
     from somaflow.runtime import console_progress, dask_client
+    from somaflow.session import check_session, plan_session, session_params
 
     overrides = load_params_file(args.params) if args.params else {}
     overrides = _with_inference(overrides, args.inference)
     if args.classifier:
-        from somaflow.params import merge_overrides
-
         overrides = merge_overrides(overrides, {"classify": {"classifier": args.classifier}})
-    from somaflow_flows.session import session_flow, session_params, stage_outputs
-
     params = session_params(args.input, fps=args.fps, modality=args.modality,
                             neuron_radius=args.neuron_radius, overrides=overrides, method=args.method,
                             dataset=args.dataset, axes=args.axes)
-
     out = stores.normalize_url(args.out)
-    work = provenance.work_url(out)
-    inputs = [args.input, args.params]
-    guard.check_output_apart(out, inputs)
-    guard.check_output_apart(work, inputs)
+    check_session(args.input, out, inputs=[args.params])
+    plan = None
     if not args.overwrite:
-        plan = provenance.plan_run(args.input, out, params.model_dump(mode="json"),
-                                   movie_url=stage_outputs(out)["ingest"][0], work_url=work)
+        plan = plan_session(args.input, out, params)
         if plan.status == "done":
             from somaflow.report import default_report_url
 
@@ -106,11 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "somaflow version; pass --overwrite to recompute", file=sys.stderr)
             _emit(args, {**summary, "seconds": 0.0, "frames_per_second": None}, _format_run)
             return 0
-        provenance.check_plan(plan, out, work, overwrite=False)
+    from somaflow_flows.session import session_flow  # the entry into the flow run (imports Prefect)
+
     t0 = time.perf_counter()
     with console_progress(), dask_client(args.cluster, args.workers, spec_file=args.cluster_spec) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        summary = session_flow(args.input, out, params, overwrite=args.overwrite)
+        summary = session_flow(args.input, out, params, overwrite=args.overwrite, plan=plan)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["frames_per_second"] = round(summary["n_frames"] / max(summary["seconds"], 1e-9), 1)
     if summary.get("work"):
@@ -163,14 +165,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ParameterError(f"--concurrency must be at least 1, got {args.concurrency}.")
     from somaflow.io import stores
-    from somaflow.manifest import check_outputs_apart, is_glob, read_manifest
+    from somaflow.manifest import check_outputs_apart, format_summary, is_glob, read_manifest
+    from somaflow.runtime import console_progress
 
     # a bad manifest, or results that would overwrite an input, fail here, before any server or cluster starts
     check_outputs_apart(read_manifest(args.manifest), stores.normalize_url(args.out),
                         (None if is_glob(args.manifest) else args.manifest, args.params))
-    from somaflow_flows.archive import archive_flow, format_summary
-
-    from somaflow.runtime import console_progress
+    from somaflow_flows.archive import archive_flow  # the entry into the flow run (imports Prefect)
 
     with console_progress(bars=False):
         summary = archive_flow(
@@ -201,10 +202,11 @@ def _with_inference(overrides: dict[str, Any], spec: str) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from somaflow.nn.recipes import train_model
+    from somaflow.runtime import default_workers
+    from somaflow.training.recipes import train_model
 
     if args.threads is None:
-        args.threads = max(1, os.cpu_count() or 1)
+        args.threads = default_workers()
     logging.getLogger("somaflow").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s", stream=sys.stderr)

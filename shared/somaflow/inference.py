@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import os
-import struct
 import threading
 import time
 from importlib import resources
@@ -37,8 +36,11 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
+from somaflow import nn
 from somaflow.errors import InputError, ParameterError, ServiceError
+from somaflow.io import stores
 from somaflow.nn.signatures import OUTPUT, Signature, as_named, signature
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,7 @@ class InferenceBackend(Protocol):
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str) -> tuple[Any, dict[str, Any]]:
-    from somaflow.nn import load_checkpoint
-
-    model, meta = load_checkpoint(path)
+    model, meta = nn.load_checkpoint(path)
     log.info("loaded %s weights from %s", meta.get("model"), path)
     return model, meta
 
@@ -183,23 +183,19 @@ def checkpoint_metadata(path: str) -> dict[str, Any]:
     StoreError
         The file cannot be read.
     """
-    from somaflow.io import stores
+    with stores.local_file(path, what="checkpoint") as local:
+        try:
+            with safe_open(local, framework="numpy") as fh:
+                raw = fh.metadata()
+            return {k: json.loads(v) for k, v in (raw or {}).items()} if raw else _no_metadata(path)
+        except (SafetensorError, ValueError, TypeError) as exc:
+            raise InputError(f"{path} is not a somaflow checkpoint ({exc}). Use a file written by "
+                             "`somaflow train`.") from exc
 
-    fs, p = stores.filesystem(path)
-    try:
-        with fs.open(p, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))
-            if not 0 < n <= 100 << 20:
-                raise ValueError(f"header length {n}")
-            header = json.loads(fh.read(n))
-        raw = header["__metadata__"]
-        return {k: json.loads(v) for k, v in raw.items()}
-    except FileNotFoundError as exc:
-        from somaflow.errors import StoreError
 
-        raise StoreError(f"checkpoint {path} does not exist. Check the path or URL.") from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"{path} is not a somaflow checkpoint ({exc}). Use a file written by `somaflow train`.") from exc
+def _no_metadata(path: str) -> dict[str, Any]:
+    raise InputError(f"{path} is not a somaflow checkpoint (its header holds no metadata). Use a file "
+                     "written by `somaflow train`.")
 
 
 class RemoteBackend:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow import __version__
 from somaflow.errors import InputError, ParameterError
+from somaflow.io.config import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,6 @@ def load_kube_spec(url: str | None = None) -> KubeSpec:
     """
     if url is None:
         return KubeSpec()
-    from somaflow.params import read_yaml
 
     data = read_yaml(url, "cluster spec", "Pass an existing values file to --cluster-spec.")
     if isinstance(data, dict) and isinstance(data.get("dask"), dict):

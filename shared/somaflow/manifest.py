@@ -29,9 +29,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from somaflow import provenance
-from somaflow.errors import InputError, ParameterError
+from somaflow.errors import InputError, ParameterError, SomaflowError
 from somaflow.io import guard, stores
-from somaflow.params import load_params_file, merge_overrides  # noqa: F401 - re-exported
+from somaflow.io.config import load_params_file, merge_overrides  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +246,26 @@ def check_outputs_apart(sessions: list[SessionSpec], prefix: str, inputs: tuple[
             guard.check_output_apart(url, [s.movie, *inputs], what=f"session {s.session}'s result", fix=fix)
     guard.check_output_apart(stores.join(prefix, SUMMARY_NAME), [*inputs, *(s.movie for s in sessions)],
                              what="the archive summary", fix="Choose another --out prefix.")
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a session failed (somaflow's errors name the fix too)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, SomaflowError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def format_summary(d: dict[str, Any]) -> str:
+    """The summary as a table for the console."""
+    rows = [("session", "status", "units", "seconds", "reason")]
+    for r in d["sessions"]:
+        units = f"{r['n_accepted']}/{r['n_units']}" if "n_units" in r else "-"
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        rows.append((r["session"], r["status"], units, seconds, r["reason"] or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+             for row in rows]
+    c = d["counts"]
+    lines.append(f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed in {d['seconds']} s; "
+                 f"summary: {d['summary']}")
+    return "\n".join(line.rstrip() for line in lines)

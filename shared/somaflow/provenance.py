@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 STAGES: tuple[str, ...] = ("ingest", "motion", "summary", "extract", "classify", "write")
 
 #: parameter groups each stage reads (top-level keys of ``RunParams.model_dump()``);
-#: ``None`` means every group but ``ingest`` (extraction parameters keep growing)
+#: ``None`` means every group but ``ingest`` and ``classify`` (``extract`` holds only the chosen method's)
 STAGE_PARAMETERS: dict[str, tuple[str, ...] | None] = {
     "ingest": ("fps", "modality", "ingest"),
     "motion": ("preprocess.motion",),

@@ -17,6 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from dask.system import CPU_COUNT
+from distributed.diagnostics.progress import AllProgress
+
+from somaflow import kube
 from somaflow.errors import ParameterError, StoreError
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,9 @@ def configure_prefect_env(debug: bool = False) -> None:
 
 
 def default_workers() -> int:
-    """Worker processes for a local cluster: one per core."""
-    return max(1, os.cpu_count() or 1)
+    """Worker processes for a local cluster: one per core this process may use
+    (:data:`dask.system.CPU_COUNT`, which distributed uses: CPU affinity and cgroup quotas respected)."""
+    return max(1, int(CPU_COUNT))
 
 
 def check_cluster_option(cluster: str, spec_file: str | None = None) -> None:
@@ -154,7 +159,6 @@ def dask_client(cluster: str = "local", workers: int | None = None,
             log.info("local Dask cluster with %d workers; dashboard %s", n, client.dashboard_link)
             yield client
     elif cluster == "kubernetes":
-        from somaflow import kube
 
         spec = kube.load_kube_spec(spec_file)
         if workers:
@@ -235,8 +239,16 @@ def console_progress(stream: TextIO | None = None, bars: bool | None = None) -> 
 
 
 def _scheduler_backlog(dask_scheduler: Any) -> int:
-    """Tasks on the scheduler that have not finished yet (runs on the scheduler)."""
-    return sum(1 for ts in dask_scheduler.tasks.values() if ts.state in _PENDING_STATES)
+    """Tasks on the scheduler that have not finished yet (runs on the scheduler).
+
+    Read from distributed's progress diagnostics (:class:`distributed.diagnostics.progress.AllProgress`,
+    the plugin behind the dashboard's progress view: task keys by state and key prefix, kept
+    up to date on every transition), registered on first use; no walk over every task.
+    """
+    plugin = dask_scheduler.plugins.get(AllProgress.name)
+    if plugin is None:
+        plugin = AllProgress(dask_scheduler)  # registers itself with the scheduler
+    return sum(len(keys) for state in _PENDING_STATES for keys in plugin.state[state].values())
 
 
 def bar_fraction(backlog: int, peak: int) -> float:

@@ -54,6 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
+from somaflow.footprints import sparse_masks
+from somaflow.frames import check_movie, whole_frames
 from somaflow.oasis import (
     MIN_FRAMES,
     DeconvolutionParams,
@@ -61,14 +63,13 @@ from somaflow.oasis import (
     kernel_estimates,
     shared_kernel,
 )
+from somaflow.robust import diff_noise_sd
 
 log = logging.getLogger(__name__)
 
 #: the stage's deconvolution: one kernel for all units of a movie (see DeconvolutionParams.g_scope)
 _DECONVOLUTION = DeconvolutionParams(g_scope="shared")
 
-#: MAD → σ of a normal distribution
-_MAD_TO_SIGMA = 1.4826
 #: float elements per unit-chunk of the temporal stages (≈ 64 MiB of float32)
 _TEMPORAL_BLOCK_ELEMENTS = 16 << 20
 #: how many times the neuropil annulus may be doubled to reach min_neuropil_pixels
@@ -256,7 +257,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
     cells = sp.csr_matrix(weights, dtype=np.float64)
     cells.eliminate_zeros()
     fps = _frame_rate(movie, params)
-    data = _whole_frames(movie)
+    data = whole_frames(movie)
     n_frames = data.shape[0]
     n_units = cells.shape[0]
     if coords is None:
@@ -286,7 +287,7 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
     unit_rows = max(1, min(n_units, _TEMPORAL_BLOCK_ELEMENTS // max(1, n_frames)))
     corrected_u = corrected.rechunk((unit_rows, -1))
     raw_u = raw.rechunk((unit_rows, -1))
-    window = _window_frames(params.baseline_window_s * fps, n_frames)
+    window = window_frames(params.baseline_window_s * fps, n_frames)
     dff = da.map_blocks(
         dff_rows, corrected_u, raw_u, window=window,
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
@@ -313,11 +314,8 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
 
 
 def _validate_movie(movie: xr.DataArray) -> None:
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(
-            f"traces need a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
-            "Transpose or rename it."
-        )
+    check_movie(movie, "traces")
+
 
 
 def _validate(movie: xr.DataArray, masks: xr.DataArray) -> None:
@@ -343,15 +341,6 @@ def _frame_rate(movie: xr.DataArray, params: TraceParams) -> float:
     return float(fps)
 
 
-def _whole_frames(movie: xr.DataArray) -> da.Array:
-    """The movie as a dask array chunked along frames only."""
-    data = movie.data
-    if not isinstance(data, da.Array):
-        data = da.from_array(np.asarray(data), chunks=("auto", -1, -1))
-    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
-        data = data.rechunk({1: -1, 2: -1})
-    return data
-
 
 def _coords(movie: xr.DataArray, masks: xr.DataArray) -> dict[str, xr.DataArray]:
     coords = {}
@@ -363,27 +352,6 @@ def _coords(movie: xr.DataArray, masks: xr.DataArray) -> dict[str, xr.DataArray]
 
 
 # ----------------------------------------------------------------------------- spatial weights
-
-
-def sparse_masks(masks: np.ndarray) -> sp.csr_matrix:
-    """(unit, y·x) float64 CSR matrix of the nonzero mask weights, C pixel order.
-
-    Raises
-    ------
-    InputError
-        Negative or non-finite weights.
-    """
-    n = len(masks)
-    flat = masks.reshape(n, int(np.prod(masks.shape[1:])))
-    n_pix = flat.shape[1]
-    index = np.flatnonzero(flat)  # sorted by unit, then pixel
-    values = flat.ravel()[index].astype(np.float64)
-    if values.size and not (np.isfinite(values).all() and values.min() > 0):
-        raise InputError("masks hold negative or non-finite weights; pass bool masks or "
-                         "non-negative footprints.")
-    units = index // n_pix
-    indptr = np.searchsorted(units, np.arange(n + 1))
-    return sp.csr_matrix((values, index - units * n_pix, indptr), shape=(n, n_pix))
 
 
 def neuropil_masks(cells: sp.csr_matrix, shape: tuple[int, int], params: TraceParams) -> sp.csr_matrix:
@@ -488,7 +456,7 @@ def _project_block(block: np.ndarray, cols: np.ndarray, sub: sp.csr_matrix) -> n
 # ----------------------------------------------------------------------------- temporal stages
 
 
-def _window_frames(frames: float, n_frames: int) -> int:
+def window_frames(frames: float, n_frames: int) -> int:
     """Odd window length in frames, at least 1 and at most the movie length."""
     w = max(1, int(round(frames)))
     w = min(w, n_frames)
@@ -545,8 +513,7 @@ def _noise_sd(x: np.ndarray) -> np.ndarray:
     """(unit,) white-noise SD from the MAD of the first difference along time."""
     if x.shape[-1] < 2:
         return np.zeros(x.shape[:-1])
-    d = np.diff(x, axis=-1)
-    return _MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, axis=-1, keepdims=True)), axis=-1) / math.sqrt(2.0)
+    return diff_noise_sd(x, axis=-1)
 
 
 def dff_rows(

@@ -10,7 +10,7 @@ probability that it is a cell, and:
   quality tests.
 
 The same :func:`candidate_inputs` builds the training examples
-(:func:`somaflow.nn.data.simulated_candidate_set`), so what the classifier sees
+(:func:`somaflow.training.candidate_sets.simulated_candidate_set`), so what the classifier sees
 at inference is what it was trained on. torch is not imported here.
 """
 
@@ -23,7 +23,10 @@ import numpy as np
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
+from somaflow.errors import ParameterError
 from somaflow.inference import get_backend
+from somaflow.nn.features import candidate_examples, masked_mean_images
+from somaflow.nn.ood import out_of_distribution
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,6 @@ class ClassifyParams(BaseModel):
 
     def model_post_init(self, __context: object) -> None:
         if self.classifier not in CLASSIFIERS:
-            from somaflow.errors import ParameterError
 
             raise ParameterError(f"classify.classifier {self.classifier!r} is not one of {', '.join(CLASSIFIERS)}.")
 
@@ -69,7 +71,6 @@ def candidate_inputs(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
     ndarray (unit, 2, 92, 92), or tuple of (unit, 1, 92, 92) and (unit, 512)
         float32.
     """
-    from somaflow.nn.data import candidate_examples, masked_mean_images
 
     n = units.sizes["unit"]
     ny, nx = int(units.sizes["y"]), int(units.sizes["x"])
@@ -129,7 +130,6 @@ def classify_units(units: xr.Dataset, traces: xr.Dataset, images: xr.Dataset,
         accepted = accepted & (cnn >= p.threshold)
         log.info("%s: %d of %d units judged cells", p.classifier, int((cnn >= p.threshold).sum()), n)
         if p.ood_check:
-            from somaflow.nn.data import out_of_distribution
 
             meta = backend.metadata(p.classifier, p.weights)
             stats = meta.get("input_stats")

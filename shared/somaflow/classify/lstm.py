@@ -1,7 +1,7 @@
 """The LSTM seed classifier (sc-CNMF's seed cleansing): does a seed's trace hold a transient?
 
 Each trace is cut into z-scored 100-sample windows at 10 Hz
-(:func:`somaflow.nn.data.lstm_windows`); the LSTM scores every window and a
+(:func:`somaflow.nn.features.lstm_windows`); the LSTM scores every window and a
 seed's verdict is its best window. CNMF's seed finder calls
 :func:`seed_transient_probability` when ``cnmf.seeds.classifier`` is
 ``"lstm"`` (or ``"gmm+lstm"``: both must agree). torch is not imported here.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from somaflow.inference import get_backend
+from somaflow.nn.features import lstm_windows, stack_windows
 
 
 def seed_transient_probability(traces: np.ndarray, fps: float, *, weights: str = "default",
@@ -33,7 +34,6 @@ def seed_transient_probability(traces: np.ndarray, fps: float, *, weights: str =
     -------
     ndarray, (seed,) float32
     """
-    from somaflow.nn.data import lstm_windows, stack_windows
 
     traces = np.asarray(traces, np.float32)
     if traces.ndim != 2 or len(traces) == 0:

@@ -6,7 +6,7 @@ with the same schema as every other method. The networks run through an
 this module does not import torch.
 
 * ``stneuronet`` — the movie is background-compensated, whitened and binned
-  (:mod:`somaflow.nn.data`), cut into non-overlapping batches of
+  (:mod:`somaflow.nn.inputs`), cut into non-overlapping batches of
   ``batch_frames``; each batch gives a probability map (one Dask task per
   batch, tiled in space), masks per batch (threshold, watershed, minimum
   area), and the masks of all batches are fused (STNeuroNet's neuron fusion).
@@ -48,18 +48,15 @@ from somaflow.detect.postprocess import (
 )
 from somaflow.evaluate.matching import SparseMasks, as_sparse
 from somaflow.inference import TTA_COUNTS, get_backend, tiled_views
-from somaflow.nn.data import (
+from somaflow.nn.images import mean_channel, summary_channels
+from somaflow.nn.inputs import (
     DetectorInputParams,
     batch_plan,
-    detection_rate,
     detector_batch,
-    input_statistics,
-    mean_channel,
-    out_of_distribution,
     pad_batch,
     pixel_statistics,
-    summary_channels,
 )
+from somaflow.nn.ood import detection_rate, input_statistics, out_of_distribution
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +118,7 @@ class CnnParams(BaseModel):
         """Defaults for a movie; distances scale with ``neuron_radius`` (px)."""
         post = PostprocessParams.for_movie(fps, modality, neuron_radius)
         # the centroid-mode models learn 4-px disks whatever the neuron size (Apthorpe et al.;
-        # somaflow.nn.data.centroid_target)
+        # somaflow.nn.targets.centroid_target)
         post = post.model_copy(update={"marker_radius": CENTROID_RADIUS,
                                        "min_marker_area": 0.25 * np.pi * CENTROID_RADIUS**2})
         return cls(input=DetectorInputParams.for_movie(fps, modality, neuron_radius), postprocess=post)

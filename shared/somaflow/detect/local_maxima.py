@@ -56,10 +56,10 @@ from skimage.morphology import disk
 from skimage.segmentation import watershed
 
 from somaflow.errors import InputError
+from somaflow.robust import robust_sd
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_SIGMA = 1.4826
 
 
 class LocalMaximaParams(BaseModel):
@@ -220,7 +220,7 @@ def _image(images: xr.Dataset, name: str) -> np.ndarray:
 def robust_z(img: np.ndarray) -> np.ndarray:
     """``(img − median) / (1.4826 · MAD)``; ``img − median`` when the MAD is 0."""
     med = float(np.median(img))
-    sd = _MAD_TO_SIGMA * float(np.median(np.abs(img - med)))
+    sd = float(robust_sd(img))
     return (img - med) / sd if sd > 0 else img - med
 
 

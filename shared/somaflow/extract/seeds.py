@@ -37,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
+from somaflow.classify.lstm import seed_transient_probability
 from somaflow.errors import InputError
+from somaflow.robust import diff_noise_sd, robust_sd
 
 log = logging.getLogger(__name__)
 
-_MAD_TO_SIGMA = 1.4826
 
 
 class SeedParams(BaseModel):
@@ -123,7 +124,6 @@ def find_seeds(movie: xr.DataArray, images: xr.Dataset, params: SeedParams) -> x
     if params.gmm and len(pts) >= 8:
         keep &= _gmm_upper(np.log(np.maximum(pnr, 1e-3)))
     if params.classifier == "lstm" and keep.any():
-        from somaflow.classify.lstm import seed_transient_probability
 
         prob = seed_transient_probability(traces[keep], params.fps or 10.0, weights=params.classifier_weights,
                                           inference=params.inference)
@@ -192,34 +192,6 @@ def disk_matrix(points: np.ndarray, shape: tuple[int, int], radius: float) -> sp
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, ny * nx))
 
 
-def project(movie: xr.DataArray, rows: sp.csr_matrix) -> da.Array | np.ndarray:
-    """``rows @ frame`` for every frame: (n_rows, frame), lazily for dask movies.
-
-    Parameters
-    ----------
-    movie : xarray.DataArray
-        (frame, y, x).
-    rows : scipy.sparse.csr_matrix
-        (n_rows, y*x) weights.
-    """
-    data = movie.data
-    n = rows.shape[0]
-    if not isinstance(data, da.Array):
-        flat = np.asarray(data, np.float32).reshape(data.shape[0], -1)
-        return np.asarray((rows @ flat.T), np.float32)
-    data = data.rechunk({1: -1, 2: -1})
-    rows = rows.tocsr()
-    cols = np.unique(rows.indices)
-    sub = rows[:, cols]
-
-    def block(b: np.ndarray) -> np.ndarray:
-        flat = np.asarray(b, np.float32).reshape(b.shape[0], -1)[:, cols]
-        return np.asarray(sub @ flat.T, np.float32)
-
-    return da.map_blocks(block, data, drop_axis=[1, 2], new_axis=[0], chunks=((n,), data.chunks[0]),
-                         dtype=np.float32, meta=np.empty((0, 0), np.float32))
-
-
 # ------------------------------------------------------------------ internals
 def _pool_projections(movie: xr.DataArray, params: SeedParams) -> np.ndarray:
     """(pool_subsets, y, x) max projections over random frame subsets, one pass, any chunking."""
@@ -270,7 +242,7 @@ def _contrast(img: np.ndarray, params: SeedParams) -> np.ndarray:
     img = np.asarray(img, np.float32)
     c = ndimage.gaussian_filter(img, params.smooth_radii * r) - ndimage.gaussian_filter(img, params.background_radii * r)
     med = np.median(c)
-    sd = _MAD_TO_SIGMA * np.median(np.abs(c - med))
+    sd = robust_sd(c)
     return (c - med) / sd if sd > 0 else c - med
 
 
@@ -301,8 +273,7 @@ def _collapse(pts: np.ndarray, src: np.ndarray, dist: float) -> tuple[np.ndarray
 
 
 def _noise(tr: np.ndarray) -> np.ndarray:
-    d = np.diff(tr, axis=-1)
-    return np.maximum(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d, -1, keepdims=True)), -1) / math.sqrt(2), 1e-9)
+    return np.maximum(diff_noise_sd(tr, axis=-1), 1e-9)
 
 
 def _peak_valley(traces: np.ndarray) -> np.ndarray:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import re
+
+from dask.utils import parse_bytes
 
 from somaflow.errors import ParameterError
 
@@ -30,23 +31,6 @@ log = logging.getLogger(__name__)
 #: copies of one chunk a task is assumed to hold at once (input + intermediates)
 SAFETY_FACTOR = 4
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_memory(s: str | int) -> int:
@@ -56,7 +40,7 @@ def parse_memory(s: str | int) -> int:
     ----------
     s : str or int
         An int (bytes) or a string such as ``"512MB"``, ``"2GiB"``, ``"1.5 GB"``,
-        ``"300k"``. Units follow dask's convention: ``k/KB/M/MB/G/GB/T/TB`` are
+        ``"300k"``. Parsed by :func:`dask.utils.parse_bytes`: ``k/KB/M/MB/G/GB/T/TB`` are
         powers of 1000, ``KiB/MiB/GiB/TiB`` powers of 1024; case is ignored.
 
     Returns
@@ -76,14 +60,15 @@ def parse_memory(s: str | int) -> int:
     if isinstance(s, numbers.Integral):
         value = int(s)
     elif isinstance(s, str):
-        m = _MEMORY_RE.match(s)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
+        try:
+            if not any(c.isdigit() for c in s):  # parse_bytes reads a bare unit as 1 of it
+                raise ValueError(s)
+            value = int(parse_bytes(s))
+        except (ValueError, TypeError):
             raise ParameterError(
                 f"cannot parse memory size {s!r}. Write a number with an optional unit, "
                 "e.g. '512MB', '2GiB' or '1000000'."
-            )
-        value = int(float(m.group(1)) * _UNITS[unit])
+            ) from None
     else:
         raise ParameterError(
             f"memory size must be an int or a string like '512MB', got {type(s).__name__} {s!r}."

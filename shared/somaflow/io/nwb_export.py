@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from somaflow import __version__
 from somaflow.errors import InputError, ParameterError, StoreError
 from somaflow.io import schema, stores
+from somaflow.io.config import read_yaml
 
 #: name of the processing module NWB tools look in
 OPHYS = "ophys"
@@ -106,8 +107,6 @@ class NwbMetadata(BaseModel):
         """
         if url is None:
             return cls()
-        from somaflow.params import read_yaml
-
         data = read_yaml(url, "NWB metadata file")
         if not isinstance(data, dict):
             raise InputError(f"NWB metadata file {url} must hold a mapping (session_start_time: ..., subject: ...).")

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import fsspec
 
-from somaflow.errors import ResultExistsError, StoreError
+from somaflow.errors import InputError, ResultExistsError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +259,36 @@ def _move(fs: Any, src: str, dst: str) -> None:
         fs.copy(f, dst + f[len(src):])
     fs.rm(src, recursive=True)
     fs.invalidate_cache()
+
+
+@contextlib.contextmanager
+def local_file(url: str, storage_options: dict[str, Any] | None = None, *, what: str = "file") -> Iterator[str]:
+    """A local path of the file at ``url``: the file itself, or a temporary copy of a remote one
+    (for libraries that map or open local files only, e.g. ``safetensors.safe_open``).
+
+    Raises
+    ------
+    StoreError
+        The file does not exist or cannot be read; ``what`` names it in the message.
+    InputError
+        ``url`` is a directory.
+    """
+    fs, path = filesystem(url, storage_options)
+    try:
+        if fs.isdir(path):
+            raise IsADirectoryError(path)
+        if "file" in fs.protocol or "local" in fs.protocol:
+            if not fs.exists(path):
+                raise FileNotFoundError(path)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="somaflow-local-") as tmp:
+            local = os.path.join(tmp, basename(url))
+            fs.get(path, local)
+            yield local
+    except FileNotFoundError as exc:
+        raise StoreError(f"{what} {url} does not exist. Check the path or URL.") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{what} {url} is a directory, not a file. Pass the file itself.") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot read {what} {url}: {exc}. Check the path and permissions.") from exc

@@ -1,7 +1,7 @@
 """somaflow's neural networks (torch): models, losses, checkpoints.
 
 The only part of somaflow that needs torch. Names load on first use, so that
-``import somaflow.nn.data`` (numpy only) does not import torch::
+``import somaflow.nn.inputs`` (numpy only) does not import torch::
 
     from somaflow.nn import MODELS, build_model, save_checkpoint, load_checkpoint, losses
 

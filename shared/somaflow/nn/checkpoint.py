@@ -26,12 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import struct
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -47,8 +45,6 @@ __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
 #: value of the ``format`` metadata key
 CHECKPOINT_FORMAT = "somaflow-checkpoint/1"
 _RESERVED = ("format", "model", "config", "somaflow_version", "sha256")
-#: a header larger than this is not a somaflow checkpoint (safetensors' own limit is 100 MB)
-_MAX_HEADER = 100 << 20
 _FIX = "Use a checkpoint written by somaflow.nn.save_checkpoint (or `somaflow train`), or re-train the model."
 
 
@@ -176,23 +172,6 @@ def save_checkpoint(
     return url
 
 
-def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
-    fs, path = stores.filesystem(url, storage_options)
-    try:
-        with fs.open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError as exc:
-        raise StoreError(f"checkpoint {url} does not exist. Check the path or URL.") from exc
-    except IsADirectoryError as exc:
-        raise InputError(
-            f"checkpoint {url} is a directory, not a .safetensors file. Pass the file itself."
-        ) from exc
-    except OSError as exc:
-        raise StoreError(
-            f"cannot read checkpoint {url}: {exc}. Check the path and permissions."
-        ) from exc
-
-
 def _looks_like_pickle(data: bytes) -> bool:
     """A zip archive (torch.save's default) or a raw pickle (protocol 2 to 5)."""
     return data[:4] == b"PK\x03\x04" or (
@@ -200,12 +179,16 @@ def _looks_like_pickle(data: bytes) -> bool:
     )
 
 
-def _parse_header(data: bytes, url: str) -> dict[str, Any]:
-    """Parse and sanity-check the safetensors header without touching the payload."""
+def _read_safetensors(path: str, url: str) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
+    """The string metadata and the tensors of a safetensors file (``safe_open``: the header is
+    validated by safetensors, nothing is unpickled)."""
     try:
-        return _header(data)
-    except ValueError as exc:
-        if _looks_like_pickle(data):
+        with safe_open(path, framework="pt") as fh:
+            return fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        with open(path, "rb") as raw:
+            head = raw.read(8)
+        if _looks_like_pickle(head):
             raise InputError(
                 f"{url} is a pickle (a torch.save file), not a safetensors file; somaflow never "
                 "unpickles model files because a pickle can run arbitrary code. Convert trusted "
@@ -215,26 +198,8 @@ def _parse_header(data: bytes, url: str) -> dict[str, Any]:
         raise InputError(f"{url} is not a valid safetensors file: {exc}. {_FIX}") from exc
 
 
-def _header(data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise ValueError(f"it is too short ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or n > _MAX_HEADER or 8 + n > len(data):
-        raise ValueError(
-            f"its header length {n} does not fit the file ({len(data)} bytes); it is truncated or not safetensors"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"its header does not parse ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    return header
-
-
-def _metadata(header: dict[str, Any], url: str) -> tuple[dict[str, str], dict[str, Any]]:
+def _metadata(raw: dict[str, str] | None, url: str) -> tuple[dict[str, str], dict[str, Any]]:
     """The raw string metadata and its JSON-decoded values."""
-    raw = header.get("__metadata__")
     if not isinstance(raw, dict) or raw.get("format") != json.dumps(CHECKPOINT_FORMAT):
         raise InputError(
             f"{url} is a safetensors file but not a somaflow checkpoint (no format "
@@ -285,13 +250,9 @@ def load_checkpoint(
         The file cannot be read.
     """
     url = stores.normalize_url(url_or_path)
-    data = _read_bytes(url, storage_options)
-    header = _parse_header(data, url)
-    raw_meta, meta = _metadata(header, url)
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{url} is not a valid safetensors file: {exc}. {_FIX}") from exc
+    with stores.local_file(url, storage_options, what="checkpoint") as path:
+        raw, tensors = _read_safetensors(path, url)
+    raw_meta, meta = _metadata(raw, url)
     if _digest(tensors, raw_meta) != meta["sha256"]:
         raise InputError(
             f"{url} is corrupt or was edited: its content does not match its sha256 digest. "

@@ -1,6 +1,6 @@
 """Training loops for the detectors and classifiers, on numpy example arrays.
 
-The example arrays come from :mod:`somaflow.nn.data` (simulator sessions,
+The example arrays come from :mod:`somaflow.training` (simulator sessions,
 Neurofinder labels, result zarrs a person curated); these loops only batch,
 augment, optimise and validate. Everything is seeded, so a recipe reproduces
 its weights on the same machine (up to float non-associativity across thread
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from somaflow.errors import ParameterError
 from somaflow.nn import losses
-from somaflow.nn.data import augment
+from somaflow.nn.augment import augment
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def train_classifier(
     model : torch.nn.Module
         Logits ``(B, 2)``.
     x : ndarray (N, 2, 92, 92), or tuple of (N, 1, 92, 92) images and (N, L) traces
-        Candidate inputs (:func:`somaflow.nn.data.cnet_input`, ``trace_vector``).
+        Candidate inputs (:func:`somaflow.nn.features.cnet_input`, ``trace_vector``).
     labels : ndarray, (N,) int
         1 = cell, 0 = not a cell.
     params : TrainParams
@@ -398,7 +398,7 @@ def train_lstm(
     ----------
     windows : ndarray, (N, W, 100) float32
         Each seed's trace cut into W z-scored 100-sample windows
-        (:func:`somaflow.nn.data.lstm_windows`, padded to a common W).
+        (:func:`somaflow.nn.features.lstm_windows`, padded to a common W).
     labels : ndarray, (N,)
         1 = the seed sits on an active cell.
     """

@@ -42,7 +42,6 @@ difference from the one-chunk value is a few percent.
 from __future__ import annotations
 
 import logging
-import math
 
 import dask.array as da
 import numpy as np
@@ -50,12 +49,11 @@ import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-from somaflow.errors import InputError
+from somaflow.frames import check_movie, whole_frames
+from somaflow.robust import DIFF_TO_SIGMA
 
 log = logging.getLogger(__name__)
 
-#: MAD → σ for a normal distribution, and √2 for the first difference of white noise
-_MAD_TO_SIGMA_DIFF = 0.6745 * math.sqrt(2.0)
 
 #: channels of the per-chunk partial stack that are summed over chunks
 _SUM_CHANNELS = ("s1", "s2", "s_down", "s_right", "median_w", "mad_w")
@@ -152,8 +150,8 @@ def summary_images(movie: xr.DataArray, params: SummaryParams) -> xr.Dataset:
         ``movie`` does not have dims (frame, y, x), has fewer than 2 frames, or
         is not real-valued.
     """
-    _validate(movie)
-    data = _frame_chunked(movie)
+    check_movie(movie, "summary_images", min_frames=2, why=" to estimate variance and correlation")
+    data = whole_frames(movie, min_chunk_frames=_MIN_CHUNK_FRAMES)
     n_frames, ny, nx = data.shape
     ref = data[0].astype(np.float64)
     parts = da.map_blocks(
@@ -180,43 +178,6 @@ def summary_images(movie: xr.DataArray, params: SummaryParams) -> xr.Dataset:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _validate(movie: xr.DataArray) -> None:
-    if tuple(movie.dims) != ("frame", "y", "x"):
-        raise InputError(
-            f"summary_images needs a movie with dims ('frame', 'y', 'x'), got {tuple(movie.dims)}. "
-            "Transpose or rename it (movie.transpose('frame', 'y', 'x'))."
-        )
-    if movie.sizes["frame"] < 2:
-        raise InputError(
-            f"summary_images needs at least 2 frames to estimate variance and correlation, "
-            f"got {movie.sizes['frame']}. Pass a longer movie."
-        )
-    if not (np.issubdtype(movie.dtype, np.integer) or np.issubdtype(movie.dtype, np.floating)):
-        raise InputError(f"movie dtype {movie.dtype} is not a real number type; convert it to float32.")
-
-
-def _frame_chunked(movie: xr.DataArray) -> da.Array:
-    """The movie as a dask array of whole frames, at least ``_MIN_CHUNK_FRAMES`` per chunk.
-
-    Spatially split chunks are merged (the neighbour products need whole
-    frames); chunks shorter than ``_MIN_CHUNK_FRAMES`` are merged along frames
-    so the per-chunk medians of the PNR statistics see enough frames.
-    """
-    data = movie.data
-    if not isinstance(data, da.Array):
-        data = da.from_array(np.asarray(data), chunks=("auto", -1, -1))
-    n_frames = data.shape[0]
-    frames = data.chunks[0]
-    short = min(frames[:-1]) if len(frames) > 1 else n_frames
-    target: dict[int, int] = {}
-    if short < min(_MIN_CHUNK_FRAMES, n_frames):
-        target[0] = min(n_frames, max(_MIN_CHUNK_FRAMES, int(np.median(frames))))
-    if data.numblocks[1] != 1 or data.numblocks[2] != 1:
-        target.update({1: -1, 2: -1})
-    if target:
-        log.debug("rechunking movie chunks %s to %s", data.chunksize, target)
-        data = data.rechunk(target)
-    return data
 
 
 def _chunk_partials(block: np.ndarray, ref: np.ndarray, *, sigma: float) -> np.ndarray:
@@ -314,7 +275,7 @@ def _finalize(
     correlation = total / np.maximum(n_neighbours, 1)
 
     baseline = median_w / n_frames
-    noise = mad_w / n_diff / _MAD_TO_SIGMA_DIFF
+    noise = mad_w / n_diff / DIFF_TO_SIGMA
     pnr = da.where(noise > 0, (smx - baseline) / da.where(noise > 0, noise, 1.0), 0.0)
     pnr = da.maximum(pnr, 0.0)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import dask.array as da
 import numpy as np
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from somaflow.errors import InputError, ParameterError
 from somaflow.io.chunks import SAFETY_FACTOR, plan_pixel_chunks
 from somaflow.preprocess.filters import whole_frames
-from somaflow.traces import dff_rows
+from somaflow.traces import dff_rows, window_frames
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def bin_frames(movie: xr.DataArray, params: BinParams) -> xr.DataArray:
             log.debug("bin_frames: rechunked to %d frames per chunk (factor %d)", bins_per_chunk * factor, factor)
         pieces.append(
             da.map_blocks(
-                _sum_bins, full, factor=factor, chunks=(tuple(c // factor for c in full.chunks[0]),) + full.chunks[1:],
+                sum_bins, full, factor=factor, chunks=(tuple(c // factor for c in full.chunks[0]),) + full.chunks[1:],
                 dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
             )
         )
@@ -174,10 +175,38 @@ def bin_frames(movie: xr.DataArray, params: BinParams) -> xr.DataArray:
     return xr.DataArray(out, dims=movie.dims, coords=coords, name=movie.name, attrs=attrs)
 
 
-def _sum_bins(block: np.ndarray, *, factor: int) -> np.ndarray:
-    """(t, y, x) with t a multiple of factor → (t / factor, y, x) float32 sums."""
-    t, ny, nx = block.shape
-    return block.reshape(t // factor, factor, ny, nx).sum(axis=1, dtype=np.float64).astype(np.float32)
+
+def sum_bins(block: np.ndarray, factor: int) -> np.ndarray:
+    """Sum every ``factor`` consecutive frames (STNeuroNet's binning).
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        (t, y, x) real.
+    factor : int
+        Frames per bin, ≥ 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        (ceil(t / factor), y, x) float32 sums. A last, partial bin of
+        ``m < factor`` frames is kept, its sum scaled by ``factor / m`` so it
+        is on the scale of a full bin (its noise is ``sqrt(factor / m)``
+        times larger).
+    """
+    t = block.shape[0]
+    if factor <= 1:
+        return np.asarray(block, np.float32)
+    n_full = t // factor
+    out = np.empty((math.ceil(t / factor),) + block.shape[1:], np.float32)
+    for i in range(n_full):  # bin by bin: float32 copies of one bin at a time
+        out[i] = np.asarray(block[i * factor : (i + 1) * factor], np.float32).sum(
+            axis=0, dtype=np.float64
+        )
+    if t > n_full * factor:
+        rest = np.asarray(block[n_full * factor :], np.float64)
+        out[-1] = rest.sum(axis=0) * (factor / rest.shape[0])
+    return out
 
 
 # ----------------------------------------------------------------------------- ΔF/F
@@ -303,7 +332,7 @@ def dff(data: xr.DataArray, params: DffParams) -> xr.DataArray:
         ty, tx = plan_pixel_chunks(arr.shape, 8, params.memory_budget)
         arr = arr.rechunk((-1, ty, tx))
         axis = 0
-    window = _window_frames(params.window_s * fps, n_frames)
+    window = window_frames(params.window_s * fps, n_frames)
     log.debug("dff: window %d frames, chunks %s", window, arr.chunksize)
     out = da.map_blocks(
         _dff_block, arr, axis=axis, window=window, percentile=float(params.percentile),
@@ -311,12 +340,6 @@ def dff(data: xr.DataArray, params: DffParams) -> xr.DataArray:
         dtype=np.float32, meta=np.empty((0,) * arr.ndim, np.float32),
     )
     return xr.DataArray(out, dims=dims, coords=data.coords, name=data.name, attrs=dict(data.attrs))
-
-
-def _window_frames(frames: float, n_frames: int) -> int:
-    """Odd window length in frames, at least 1 and at most the trace length."""
-    w = min(max(1, int(round(frames))), n_frames)
-    return w if w % 2 == 1 else max(1, w - 1)
 
 
 def _dff_block(

@@ -27,7 +27,8 @@ from somaflow.simulate.model import (
 )
 from somaflow.simulate.params import SimulationParams, param_names
 from somaflow.simulate.presets import PRESETS, list_presets, resolve_params
-from somaflow.simulate.render import BLOCK, as_dask_array, iter_movie_chunks, render_frames
+from somaflow.simulate.render import BLOCK, render_frames
+from somaflow.simulate.stream import as_dask_array, iter_movie_chunks
 from somaflow.simulate.write import SummaryAccumulator, write_simulation
 
 __all__ = [

@@ -118,7 +118,7 @@ class Simulation:
         ------
         ParameterError
             The movie would exceed :data:`MAX_IN_MEMORY_BYTES`; stream it with
-            :func:`~somaflow.simulate.render.iter_movie_chunks` or write it with
+            :func:`~somaflow.simulate.stream.iter_movie_chunks` or write it with
             :func:`~somaflow.simulate.write.write_simulation` instead.
         """
         nbytes = self.params.movie_nbytes

@@ -10,8 +10,8 @@ rendered at once or chunk by chunk, and memory is bounded by the block size
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 
@@ -21,10 +21,11 @@ from somaflow.simulate.fields import render_blobs
 from somaflow.simulate.motion import warp
 from somaflow.simulate.scene import KINDS, DenseLayer, Scene
 
-if TYPE_CHECKING:
-    import dask.array
 
-    from somaflow.simulate.model import Simulation
+class HasScene(Protocol):
+    """Anything that carries a scene (a :class:`~somaflow.simulate.model.Simulation`)."""
+
+    scene: Scene
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32
 
 
-def _scene(sim: Simulation | Scene) -> Scene:
+def _scene(sim: HasScene | Scene) -> Scene:
     return sim if isinstance(sim, Scene) else sim.scene
 
 
@@ -103,7 +104,7 @@ def _render_block(scene: Scene, block: int, comps: tuple[str, ...], motion: bool
 
 
 def render_frames(
-    sim: Simulation | Scene,
+    sim: HasScene | Scene,
     start: int = 0,
     stop: int | None = None,
     *,
@@ -147,60 +148,3 @@ def render_frames(
         lo, hi = max(start, f0), min(stop, f0 + data.shape[0])
         out[lo - start : hi - start] = data[lo - f0 : hi - f0]
     return out
-
-
-def iter_movie_chunks(
-    sim: Simulation | Any,
-    seed: int = 0,
-    frames_per_chunk: int = 4 * BLOCK,
-) -> Iterator[np.ndarray]:
-    """Yield the movie as consecutive (frames, y, x) uint16 chunks with bounded memory.
-
-    Parameters
-    ----------
-    sim : Simulation, SimulationParams or preset name
-        A simulation, or parameters from which one is built with ``seed``.
-    seed : int
-        Used only when ``sim`` is not already a :class:`Simulation`.
-    frames_per_chunk : int
-        Frames per yielded chunk (the last may be shorter). Multiples of
-        :data:`BLOCK` avoid recomputing frames at chunk edges.
-
-    Yields
-    ------
-    ndarray, (frames, y, x) uint16
-        Identical, concatenated, to ``Simulation.movie``.
-    """
-    from somaflow.simulate.model import Simulation, simulate
-
-    if not isinstance(sim, Simulation):
-        sim = simulate(sim, seed=seed)
-    if frames_per_chunk < 1:
-        raise ParameterError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}.")
-    T = sim.params.n_frames
-    for start in range(0, T, frames_per_chunk):
-        stop = min(start + frames_per_chunk, T)
-        log.debug("rendering frames %d:%d of %d", start, stop, T)
-        yield render_frames(sim, start, stop)
-
-
-def as_dask_array(sim: Simulation, frames_per_chunk: int = 4 * BLOCK) -> dask.array.Array:
-    """The movie as a lazy dask array, (frame, y, x) uint16, chunked along frames.
-
-    Each chunk renders independently (see the module notes), so the array can be
-    computed in parallel on any scheduler and written to zarr chunk by chunk.
-    """
-    import dask
-    import dask.array as da
-
-    if frames_per_chunk < 1:
-        raise ParameterError(f"frames_per_chunk must be >= 1, got {frames_per_chunk}.")
-    scene = dask.delayed(sim.scene, pure=True)
-    T = sim.params.n_frames
-    Y, X = sim.params.shape
-    parts = []
-    for start in range(0, T, frames_per_chunk):
-        stop = min(start + frames_per_chunk, T)
-        part = dask.delayed(render_frames, pure=True)(scene, start, stop)
-        parts.append(da.from_delayed(part, shape=(stop - start, Y, X), dtype=np.uint16))
-    return da.concatenate(parts, axis=0)

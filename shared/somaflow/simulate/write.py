@@ -18,7 +18,8 @@ from somaflow.errors import ResultExistsError, StoreError
 from somaflow.io import schema, stores
 from somaflow.simulate.footprints import Patch, dense_stack
 from somaflow.simulate.model import Simulation
-from somaflow.simulate.render import BLOCK, iter_movie_chunks
+from somaflow.simulate.render import BLOCK
+from somaflow.simulate.stream import iter_movie_chunks
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,42 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from somaflow.detect.cnn import CnnParams
+from somaflow.detect.postprocess import PostprocessParams, choose_threshold, threshold_scores
 from somaflow.errors import InputError, ParameterError
-from somaflow.nn.data import DetectorInputParams as _DetectorInputParams
+from somaflow.inference import tiled, weights_path
+from somaflow.io import schema, stores
+from somaflow.nn import build_model, load_checkpoint, save_checkpoint
+from somaflow.nn.augment import random_crops
+from somaflow.nn.features import candidate_examples, stack_windows
+from somaflow.nn.images import mean_channel, summary_channels
+from somaflow.nn.inputs import (
+    DetectorInputParams,
+    batch_plan,
+    detector_movie,
+    pad_batch,
+    pixel_statistics,
+)
+from somaflow.nn.inputs import DetectorInputParams as _DetectorInputParams
+from somaflow.nn.ood import input_statistics, summarize_statistics
+from somaflow.nn.train import (
+    TrainParams,
+    resolve_device,
+    train_classifier,
+    train_detector,
+    train_lstm,
+)
+from somaflow.simulate.presets import PRESETS
+from somaflow.training.candidate_sets import simulated_candidate_set
+from somaflow.training.detector_sets import (
+    default_target,
+    detection_summary_images,
+    detector_target,
+    sim_movie,
+    simulate_session,
+    simulated_detector_set,
+)
+from somaflow.training.labelled import neurofinder_set, read_examples, result_labels, write_examples
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +145,12 @@ class Session:
 
 
 def _sim_session(kind: str, preset: str, seed: int, n_frames: int | None) -> Session:
-    from somaflow.nn import data
 
-    sim = data._simulate(preset, seed, n_frames, None)
-    movie = data._sim_movie(sim)
+    sim = simulate_session(preset, seed, n_frames, None)
+    movie = sim_movie(sim)
     fps, modality, r = sim.meta["fps"], sim.meta["modality"], sim.meta["neuron_radius"]
     masks = np.asarray(sim.masks, bool)
-    images = data.detection_summary_images(movie, fps, modality, r)
+    images = detection_summary_images(movie, fps, modality, r)
     return _session(kind, f"{preset}:{seed}", movie, images, masks, fps, modality, r)
 
 
@@ -131,18 +164,17 @@ def _session(
     modality: str,
     r: float,
 ) -> Session:
-    from somaflow.nn import data
 
-    pstats = data.pixel_statistics(movie)
+    pstats = pixel_statistics(movie)
     if kind in MOVIE_KINDS:
-        inputs = data.detector_movie(
-            movie, pstats, data.DetectorInputParams.for_movie(fps, modality, r)
+        inputs = detector_movie(
+            movie, pstats, DetectorInputParams.for_movie(fps, modality, r)
         )
     elif kind == "unet2d":
-        inputs = data.summary_channels(images)
+        inputs = summary_channels(images)
     else:
-        inputs = data.mean_channel(images)
-    stats = data.input_statistics(pstats, r, fps=fps, modality=modality, masks=masks, movie=movie)
+        inputs = mean_channel(images)
+    stats = input_statistics(pstats, r, fps=fps, modality=modality, masks=masks, movie=movie)
     return Session(
         name, inputs, masks, np.asarray(images["mean_image"].values, np.float32), r, stats
     )
@@ -152,15 +184,12 @@ def _session_probability(model: Any, kind: str, s: Session, batch_frames: int) -
     """Full-session probability: (H, W), or (batches, H, W) for the movie kinds."""
     import torch
 
-    from somaflow.inference import tiled
 
     def run(block: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = model(torch.from_numpy(np.ascontiguousarray(block, np.float32)))
         return torch.softmax(out, 1)[:, 1].numpy()
 
-    from somaflow.detect.cnn import CnnParams
-    from somaflow.nn.data import batch_plan, pad_batch
 
     tile, margin = (CnnParams.model_fields[k].default for k in ("tile", "margin"))  # as at inference
     if kind not in MOVIE_KINDS:
@@ -257,15 +286,6 @@ def train_model(
         ``model``, ``out``, ``n_examples``, ``metrics`` (validation figures,
         ``threshold`` for detectors), ``seconds``.
     """
-    from somaflow.nn import build_model, load_checkpoint, save_checkpoint
-    from somaflow.nn import data as nd
-    from somaflow.nn.train import (
-        TrainParams,
-        resolve_device,
-        train_classifier,
-        train_detector,
-        train_lstm,
-    )
 
     if model_name not in RECIPES:
         raise ParameterError(f"unknown model {model_name!r}; use one of {', '.join(RECIPES)}.")
@@ -279,7 +299,6 @@ def train_model(
     seeds = tuple(seeds if seeds is not None else recipe.seeds)
     t0 = time.perf_counter()
     if init is not None:
-        from somaflow.inference import weights_path
 
         model, init_meta = load_checkpoint(weights_path(model_name, init))
         config = (
@@ -323,7 +342,7 @@ def train_model(
         movie_input = model_name in MOVIE_KINDS
         xs, ys = [], []
         if use_sim:
-            x, y, st = nd.simulated_detector_set(
+            x, y, st = simulated_detector_set(
                 model_name,
                 presets,
                 seeds,
@@ -340,7 +359,7 @@ def train_model(
             session_stats += st
         real: list[Session] = []
         for d in dirs:
-            ls = nd.neurofinder_set(d, fps=fps, neuron_radius=neuron_radius)
+            ls = neurofinder_set(d, fps=fps, neuron_radius=neuron_radius)
             real.append(
                 _session(
                     model_name,
@@ -379,11 +398,6 @@ def train_model(
             else []
         )
         val += real
-        from somaflow.detect.postprocess import (
-            PostprocessParams,
-            choose_threshold,
-            threshold_scores,
-        )
 
         if val:
             model.eval()
@@ -419,7 +433,7 @@ def train_model(
         labels = np.concatenate([c[3] for c in cands]).astype(np.int64)
         log.info("%s: %d candidates, %d positive", model_name, len(labels), int(labels.sum()))
         if model_name == "lstm":
-            hist = train_lstm(model, nd.stack_windows(windows, 20), labels, params)
+            hist = train_lstm(model, stack_windows(windows, 20), labels, params)
         elif model_name == "3cnet":
             hist = train_classifier(model, images, labels, params)
         else:
@@ -428,7 +442,7 @@ def train_model(
         metrics["positive_fraction"] = float(labels.mean())
         n_examples = len(labels)
 
-    input_stats = nd.summarize_statistics(session_stats) if session_stats else {}
+    input_stats = summarize_statistics(session_stats) if session_stats else {}
     if init_meta is not None:
         training["init_training"] = init_meta.get("training")
     meta = {"training": training, "metrics": metrics, "input_stats": input_stats}
@@ -461,19 +475,16 @@ def candidate_arrays(presets: Sequence[str], seeds: Sequence[int], n_frames: int
     from ``cache`` when it holds the same recipe (else made, and kept there)."""
     import hashlib
 
-    from somaflow.io import schema, stores
-    from somaflow.nn import data as nd
-    from somaflow.simulate.presets import PRESETS
 
     key = json.dumps({"presets": list(presets), "seeds": list(seeds), "n_frames": n_frames, "method": "cnmf"},
                      sort_keys=True)
     url = (stores.join(cache, "candidates-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest() + ".zarr")
            if cache else None)
     if url and schema.is_complete(url):
-        arrays, meta = nd.read_examples(url)
+        arrays, meta = read_examples(url)
     else:
-        cs = nd.simulated_candidate_set(presets, seeds, n_frames=n_frames)
-        windows = list(nd.stack_windows(cs.windows))
+        cs = simulated_candidate_set(presets, seeds, n_frames=n_frames)
+        windows = list(stack_windows(cs.windows))
         arrays = {"images": cs.images, "traces": cs.traces, "labels": cs.labels, "active": cs.active,
                   "best_iou": cs.best_iou, "evaluator_labels": cs.evaluator_labels,
                   "windows": np.stack(windows) if windows else np.zeros((0, 1, 100), np.float32)}
@@ -481,17 +492,16 @@ def candidate_arrays(presets: Sequence[str], seeds: Sequence[int], n_frames: int
                 "sessions": [{"modality": PRESETS[s["preset"]].modality, "preset": s["preset"], "seed": s["seed"],
                               "n_frames": n_frames or PRESETS[s["preset"]].n_frames} for s in cs.sessions]}
         if url:
-            nd.write_examples(url, arrays, meta, overwrite=True)
+            write_examples(url, arrays, meta, overwrite=True)
     return arrays, meta
 
 
 def _real_crops(
     kind: str, s: Session, recipe: Recipe, rng: np.random.Generator, target_kind: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    from somaflow.nn import data as nd
 
-    target_kind = target_kind or recipe.target or nd._default_target(kind)
-    target = nd._target(s.masks, target_kind)
+    target_kind = target_kind or recipe.target or default_target(kind)
+    target = detector_target(s.masks, target_kind)
     n = recipe.n_crops * 4  # a real session is larger than a simulated one
     if kind in MOVIE_KINDS:
         T = recipe.batch_frames or 120
@@ -503,17 +513,15 @@ def _real_crops(
                 block = np.concatenate(
                     [block, np.zeros((T - block.shape[0],) + block.shape[1:], np.float32)]
                 )
-            x, y = nd.random_crops(block, target, recipe.crop, 1, rng)
+            x, y = random_crops(block, target, recipe.crop, 1, rng)
             xs.append(x)
             ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
-    return nd.random_crops(s.inputs, target, recipe.crop, n, rng)
+    return random_crops(s.inputs, target, recipe.crop, n, rng)
 
 
 def _result_session(kind: str, url: str) -> Session:
     """A curated result zarr as a labelled session (summary-image detectors only)."""
-    from somaflow.io import schema
-    from somaflow.nn import data as nd
 
     if kind in MOVIE_KINDS:
         raise InputError(
@@ -521,7 +529,7 @@ def _result_session(kind: str, url: str) -> Session:
             "(movie.tif + regions.json) or the simulator."
         )
     ds = schema.open_result(url)
-    masks, accepted = nd.result_labels(url)
+    masks, accepted = result_labels(url)
     images = ds[
         [v for v in ("mean_image", "max_image", "correlation_image", "pnr_image") if v in ds]
     ].load()
@@ -530,7 +538,7 @@ def _result_session(kind: str, url: str) -> Session:
             f"{url} has no pnr_image; rerun it with this somaflow version to train unet2d on it."
         )
     r = float(json.loads(ds.attrs.get("params", "{}")).get("neuron_radius", 5.0))
-    inputs = nd.summary_channels(images) if kind == "unet2d" else nd.mean_channel(images)
+    inputs = summary_channels(images) if kind == "unet2d" else mean_channel(images)
     stats = {"neuron_radius": r, "modality": ds.attrs.get("modality"), "fps": ds.attrs.get("fps")}
     return Session(
         url, inputs, masks[accepted], np.asarray(images["mean_image"].values, np.float32), r, stats
@@ -541,13 +549,11 @@ def _result_candidates(
     url: str, model_name: str
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
     """Every unit of a curated result as a classifier example, labelled by ``accepted``."""
-    from somaflow.io import schema
-    from somaflow.nn import data as nd
 
     ds = schema.open_result(url)
-    masks, accepted = nd.result_labels(url)
+    masks, accepted = result_labels(url)
     keep = masks.reshape(len(masks), -1).any(axis=1)
-    images, vectors, windows = nd.candidate_examples(
+    images, vectors, windows = candidate_examples(
         np.asarray(ds["footprints"].values, np.float32)[keep],
         masks[keep],
         np.asarray(ds["dff"].values, np.float32)[keep],

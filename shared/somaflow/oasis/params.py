@@ -1,0 +1,161 @@
+"""Parameters and result of the deconvolution (:class:`DeconvolutionParams`, :class:`DeconvolutionResult`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: fewest frames a trace may have (Welch PSD and autocovariance need a few)
+MIN_FRAMES = 16
+
+
+
+
+
+
+class DeconvolutionParams(BaseModel):
+    """Parameters of :func:`deconvolve`.
+
+    Attributes
+    ----------
+    ar_order : {1, 2}
+        Order of the calcium dynamics: 1 — instantaneous rise, exponential
+        decay; 2 — finite rise (difference of exponentials). On the spike
+        ground truth AR(2) puts spikes at the onsets of GCaMP transients
+        (zero-lag median r 0.45 against 0.33 for GCaMP6s at 60 Hz) but is
+        slower and scores lower once the rise delay is compensated.
+    tau_s : float
+        Prior decay time constant (s); the AR kernel when ``estimate_g`` is
+        off, and the fallback when an estimate is unstable (a root ≥ 1 or
+        complex roots).
+    tau_rise_s : float
+        Prior rise time constant (s), AR(2) only; below ``tau_s / 2``.
+    estimate_g : bool
+        Estimate ``g`` from the traces' autocovariance (else use the prior).
+    g_scope : {"trace", "shared"}
+        ``"trace"``: each trace gets the kernel of its own ``ar_order`` fit
+        (the prior where the fit is unstable). ``"shared"``: all traces
+        deconvolved together (one session's units, one indicator) get one
+        kernel: the medians, over the traces with a stable fit, of the decay
+        and rise roots of an AR(2) fit (:func:`kernel_estimates`,
+        :func:`shared_kernel`). The AR(2) fit is used for either
+        ``ar_order``: a finite rise biases an AR(1) fit's decay short (on the
+        2p-lowsnr tuning movies median τ 0.35-0.55 s against true 0.4-0.9 s).
+        On 300-frame traces one trace's fit is noisy; under ``somaflow run``
+        (CNMF) the shared kernel raised the median correlation of matched
+        ``traces`` with the true calcium, over all matched cells of the
+        tuning seeds 1100-1102, from 0.935 / 0.888 / 0.404 / 0.912 to 0.935 /
+        0.901 / 0.450 / 0.919 (2p-small / 2p-dense / 2p-lowsnr / 1p-small).
+        ``somaflow run`` uses ``"shared"`` (:class:`somaflow.traces.TraceParams`).
+    g_lags : int
+        Extra autocovariance lags (beyond ``ar_order``) in the Yule-Walker fit.
+    tau_range_s : (float, float)
+        Estimated decay time constants are clipped into this range (s); the
+        prior is used as given.
+    noise_band : (float, float)
+        Band, as fractions of the Nyquist frequency, whose mean power gives σ.
+    sparsity : {"noise", "penalty"}
+        ``"noise"``: λ such that ‖y − b − c‖² = σ² T (the constrained problem;
+        λ = 0 where even the unpenalized fit leaves more than the noise, as on
+        most real traces); ``"penalty"``: λ = ``penalty`` · σ.
+    penalty : float
+        λ in noise SDs for ``sparsity="penalty"`` (0: non-negative
+        deconvolution, the Suite2p choice).
+    s_min : float
+        Smallest spike kept, in noise SDs (0: none; > 0: OASIS's greedy hard
+        threshold).
+    baseline : {"percentile", "optimize", "zero"}
+        ``"percentile"``: ``b = P_q(y) − Φ⁻¹(q) σ``, the ``q``-th percentile
+        of the trace corrected for the noise (exact for a trace at baseline
+        most of the time); ``"optimize"``: ``b`` fitted jointly with ``c`` under
+        the noise constraint (OASIS's ``optimize_b``; needs
+        ``sparsity="noise"``); ``"zero"``: the trace is already
+        baseline-subtracted. On the spike ground truth (real ΔF/F) the joint
+        fit follows misfits of the model (b far below rest, dense spikes):
+        median r 0.30 / 0.22 / 0.17 against 0.35 / 0.26 / 0.33 with
+        ``"percentile"`` (DS03 / DS09 / DS14, ``benchmarks/bench_deconvolve.py``).
+    baseline_percentile : float
+        ``q`` (percent) of the ``"percentile"`` baseline.
+    max_iter : int
+        Most re-solves of the pools while ``b`` and ``λ`` are updated.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ar_order: Literal[1, 2] = Field(1, description="AR order of the calcium dynamics (1 or 2)")
+    tau_s: float = Field(0.7, gt=0, description="prior decay time constant (s)")
+    tau_rise_s: float = Field(0.05, gt=0, description="prior rise time constant (s), AR(2) only")
+    estimate_g: bool = Field(True, description="estimate g from each trace's autocovariance")
+    g_scope: Literal["trace", "shared"] = Field(
+        "trace", description="'trace': each trace's own estimated kernel; 'shared': one kernel for all traces "
+        "deconvolved together (the medians of their AR(2) fits' decay and rise roots)")
+    g_lags: int = Field(10, ge=0, le=1000, description="extra autocovariance lags of the g fit (frames)")
+    tau_range_s: tuple[float, float] = Field(
+        (0.1, 5.0), description="estimated decay time constants are clipped to this range (s)"
+    )
+    noise_band: tuple[float, float] = Field(
+        (0.5, 1.0), description="PSD band for the noise level (fractions of the Nyquist frequency)"
+    )
+    sparsity: Literal["noise", "penalty"] = Field(
+        "noise", description="'noise': residual = noise level; 'penalty': lambda = penalty * sigma"
+    )
+    penalty: float = Field(0.0, ge=0, description="lambda in noise SDs (sparsity='penalty')")
+    s_min: float = Field(0.0, ge=0, description="smallest spike kept (noise SDs); 0 = no minimum")
+    baseline: Literal["percentile", "optimize", "zero"] = Field(
+        "percentile", description="b from a low percentile and the noise, fitted jointly, or 0"
+    )
+    baseline_percentile: float = Field(8.0, gt=0, lt=50, description="percentile of the baseline estimate")
+    max_iter: int = Field(10, ge=0, le=100, description="most re-solves while b and lambda are updated")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeconvolutionParams:
+        lo, hi = self.tau_range_s
+        if not 0 < lo < hi:
+            raise ValueError(f"tau_range_s must be (low, high) seconds with 0 < low < high, got "
+                             f"{self.tau_range_s}; fix the range")
+        f0, f1 = self.noise_band
+        if not 0 <= f0 < f1 <= 1:
+            raise ValueError(f"noise_band must be (low, high) fractions of Nyquist with 0 <= low < "
+                             f"high <= 1, got {self.noise_band}; e.g. use (0.5, 1.0)")
+        if self.ar_order == 2 and not self.tau_rise_s < self.tau_s / 2:
+            raise ValueError(f"tau_rise_s ({self.tau_rise_s}) must be below tau_s / 2 "
+                             f"({self.tau_s / 2}); lower tau_rise_s or use ar_order=1")
+        if self.baseline == "optimize" and self.sparsity != "noise":
+            raise ValueError("baseline='optimize' needs sparsity='noise' (with a fixed penalty a lower "
+                             "b always fits as well); use baseline='percentile' or 'zero'")
+        if self.penalty > 0 and self.sparsity != "penalty":
+            raise ValueError("penalty is used only with sparsity='penalty'; set sparsity='penalty' "
+                             "or penalty=0")
+        return self
+
+
+@dataclass(frozen=True)
+class DeconvolutionResult:
+    """Output of :func:`deconvolve`; arrays mirror the input (numpy or xarray).
+
+    Attributes
+    ----------
+    calcium : ndarray, (..., frame) float64
+        Denoised calcium ``c`` (trace units, baseline removed).
+    spikes : ndarray, (..., frame) float64
+        Inferred activity ``s ≥ 0`` (trace units per frame: the calcium jump).
+    baseline : ndarray, (...) float64
+        Constant baseline ``b`` (trace units).
+    g : ndarray, (..., ar_order) float64
+        AR coefficients used.
+    noise : ndarray, (...) float64
+        Noise SD ``σ`` (trace units).
+    lam : ndarray, (...) float64
+        Sparsity penalty ``λ`` used (trace units).
+    """
+
+    calcium: Any
+    spikes: Any
+    baseline: Any
+    g: Any
+    noise: Any
+    lam: Any
+
