@@ -12,14 +12,16 @@ ordinary local cluster (shared disk, local paths).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import run_cli
 from isolated_cluster import IsolatedCluster
 from somaflow.extract import METHODS
-from somaflow.io import schema, stores
+from somaflow.io import schema
 
 pytestmark = pytest.mark.integration
 
@@ -38,52 +40,61 @@ def isolated(s3_server, tmp_path_factory, prefect_api):
 
 
 @pytest.fixture(scope="module")
-def movies(make_movie, s3_server):
-    """The small movies, put on S3 once: preset -> (local folder, s3 URL of movie.tif)."""
+def runs(make_movie, s3_server, isolated, prefect_api, tmp_path_factory):
+    """Every case as one session of an archive, run twice: on the isolated cluster (manifest,
+    movies and results on S3) and on an ordinary local cluster (local paths). Returns the
+    isolated run's client process, its archive summary, and the two result prefixes."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["SOMAFLOW_S3_ENDPOINT_URL"], skip_instance_cache=True)
-    bucket = "multinode-movies"
-    if not fs.exists(bucket):
-        fs.mkdir(bucket)
-    out = {}
-    for preset in ("2p-small", "1p-small"):
+    bucket = "multinode"
+    fs.mkdir(bucket)
+    root = tmp_path_factory.mktemp("multinode-local")
+    local, remote = [], []
+    for method, preset in CASES:  # each session its own movie file, as in an archive
         sim = make_movie(51, n_frames=120, preset=preset)
-        url = f"s3://{bucket}/{preset}/movie.tif"
-        fs.put(str(sim / "movie.tif"), url)
-        out[preset] = (sim, url)
-    return out
+        meta = json.loads((sim / "meta.json").read_text())
+        session = f"{method}-{preset}"
+        movie = root / f"{session}.tif"
+        shutil.copy(sim / "movie.tif", movie)
+        url = f"s3://{bucket}/movies/{session}.tif"
+        fs.put(str(movie), url)
+        row = {"session": session, "fps": meta["fps"], "modality": meta["modality"],
+               "neuron_radius": meta["neuron_radius"], "params": {"method": method}}
+        local.append({**row, "movie": str(movie)})
+        remote.append({**row, "movie": url})
+    fs.pipe(f"s3://{bucket}/manifest.yaml", yaml.safe_dump(remote).encode())
+    (root / "manifest.yaml").write_text(yaml.safe_dump(local))
+
+    out = f"s3://{bucket}/results"
+    proc = isolated.run_client(
+        "archive", f"s3://{bucket}/manifest.yaml", "--out", out, "--cluster", isolated.address,
+        "--concurrency", "2", "--json",
+        extra_env={"PYTHONWARNINGS": "error:Large object:UserWarning,error:Sending large graph:UserWarning"})
+    ref = root / "results"
+    run_cli("archive", str(root / "manifest.yaml"), "--out", str(ref), "--cluster", "local", "--workers", "2",
+            "--concurrency", "2", "--json", env=prefect_api)
+    fs.invalidate_cache()
+    return proc, out, ref
 
 
-def _meta(sim) -> dict:
-    return json.loads((sim / "meta.json").read_text())
-
-
-def _args(sim, method: str) -> list[str]:
-    m = _meta(sim)
-    return ["--fps", str(m["fps"]), "--modality", m["modality"], "--neuron-radius", str(m["neuron_radius"]),
-            "--method", method, "--json"]
+def test_nothing_but_the_store_is_shared(runs, isolated):
+    proc, _, _ = runs
+    assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{isolated.worker_logs()}"
+    summary = json.loads(proc.stdout)
+    assert summary["counts"] == {"done": len(CASES), "skipped": 0, "failed": 0}, summary["sessions"]
+    assert isolated.violations() == {}, isolated.violations()
+    largest, over = isolated.task_sizes()
+    assert not over and 0 < largest < TASK_LIMIT, (largest, over[:5])
 
 
 @pytest.mark.parametrize("method, preset", CASES)
-def test_every_method_runs_with_nothing_shared_but_the_store(method, preset, isolated, movies, s3_bucket,
-                                                             s3_server, tmp_path, prefect_api):
-    sim, movie = movies[preset]
-    out = f"{s3_bucket}/results/{method}-{preset}.zarr"
-    proc = isolated.run_client("run", movie, "--out", out, "--cluster", isolated.address, *_args(sim, method),
-                               extra_env={"PYTHONWARNINGS": "error:Large object:UserWarning,"
-                                                           "error:Sending large graph:UserWarning"})
-    assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{isolated.worker_logs()}"
-    assert json.loads(proc.stdout)["status"] == "done"
-    assert isolated.violations() == {}, isolated.violations()
-    largest, over = isolated.task_sizes()
-    assert not over and largest < TASK_LIMIT, (largest, over[:5])
-
-    ref = tmp_path / "ref.zarr"
-    run_cli("run", str(sim / "movie.tif"), "--out", str(ref), "--cluster", "local", "--workers", "2",
-            *_args(sim, method), env=prefect_api)
-    stores.filesystem(out)[0].invalidate_cache()
-    got, want = schema.open_result(out), schema.open_result(str(ref))
+def test_each_method_equals_its_run_on_a_local_cluster(method, preset, runs):
+    proc, out, ref = runs
+    assert proc.returncode == 0
+    got = schema.open_result(f"{out}/{method}-{preset}.zarr")
+    want = schema.open_result(str(ref / f"{method}-{preset}.zarr"))
+    assert json.loads(got.attrs["params"])["method"] == method
     assert got.sizes == want.sizes
     np.testing.assert_array_equal(got["masks"].values, want["masks"].values)
     np.testing.assert_array_equal(got["accepted"].values, want["accepted"].values)
