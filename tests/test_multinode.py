@@ -94,7 +94,7 @@ def test_each_method_equals_its_run_on_a_local_cluster(method, preset, runs):
     assert proc.returncode == 0
     got = schema.open_result(f"{out}/{method}-{preset}.zarr")
     want = schema.open_result(str(ref / f"{method}-{preset}.zarr"))
-    assert json.loads(got.attrs["params"])["method"] == method
+    assert json.loads(got.attrs["params"])["extract"]["method"] == method
     assert got.sizes == want.sizes
     np.testing.assert_array_equal(got["masks"].values, want["masks"].values)
     np.testing.assert_array_equal(got["accepted"].values, want["accepted"].values)

@@ -141,7 +141,7 @@ def _run(movie: Path, out: Path, method: str, inference: str, env: dict[str, str
 def test_every_shipped_model_runs_on_its_smallest_signature_input():
     """The served signatures (somaflow.nn.signatures) describe what the models take."""
     from somaflow.inference import SHIPPED, LocalBackend, checkpoint_metadata, weights_path
-    from somaflow.nn.models import CNET3_SIDE
+    from somaflow.nn.classifiers import CNET3_SIDE
     from somaflow.nn.signatures import CNET3_SIDE as SIDE
     from somaflow.nn.signatures import as_named, signature
 
@@ -193,17 +193,16 @@ def test_inference_option_is_checked_before_any_work(tmp_path, make_movie):
 def test_inference_reaches_every_cnn_but_not_the_recorded_parameters(make_movie):
     """--inference sets the backend of the detectors, the classifier and the LSTM seed cleansing; it is
     left out of the parameter dump, so of the stage hashes and the result's recorded parameters."""
-    from somaflow_flows.session import session_params
-
     from somaflow import provenance
     from somaflow.params import inference_overrides
+    from somaflow.session.plan import session_params
 
     movie = str(make_movie(0) / "movie.tif")
     url = "http://inference.example:8000"
     local = session_params(movie, fps=10.0)
     remote = session_params(movie, fps=10.0, overrides=inference_overrides(url))
-    assert remote.cnn.inference == remote.classify.inference == remote.cnmf.seeds.inference == url
-    assert local.cnn.inference == "local"
+    assert remote.extract.cnn.inference == remote.classify.inference == remote.extract.cnmf.seeds.inference == url
+    assert local.extract.cnn.inference == local.classify.inference == "local"
     assert "inference" not in json.dumps(remote.model_dump(mode="json"))
     assert provenance.stage_hashes("x", remote.model_dump(mode="json")) == \
         provenance.stage_hashes("x", local.model_dump(mode="json"))

@@ -116,7 +116,7 @@ def _detector(model: str, channels: int, time_axis: bool, multiple: int, t_multi
     return Signature(model, (spec,), (-1, -1))
 
 
-#: side of 3CNet's input images (:data:`somaflow.nn.models.CNET3_SIDE`, which imports torch)
+#: side of 3CNet's input images (:data:`somaflow.nn.classifiers.CNET3_SIDE`, which imports torch)
 CNET3_SIDE = 92
 #: every detector's spatial sizes are padded to a multiple of this by :func:`somaflow.inference.tiled`
 SPATIAL_MULTIPLE = 8
