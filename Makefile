@@ -13,8 +13,10 @@ SEED ?= 0
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --quiet --upgrade pip
+	@# -qq: errors only; setuptools' generic advice on editable installs (a BuildBackendWarning
+	@# about folders named like the package) is not about this project and alarmed users
+	$(BIN)/pip install --quiet --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
