@@ -116,3 +116,35 @@ def test_pixel_size_is_read_where_the_file_records_it(tmp_path, kind):
         assert "pixel_size_um" not in movie.attrs
     else:
         assert movie.attrs["pixel_size_um"] == pytest.approx(expected)
+
+
+def test_a_write_on_local_threads_leaves_other_threads_scheduler_alone(tmp_path):
+    """An archive runs its sessions in threads that share one distributed client. A write that
+    picks the threaded scheduler for itself must not switch it for the whole process (a global
+    ``dask.config.set``): another session's computation on persisted futures would then run on
+    the local scheduler and fail with "Missing dependency"."""
+    import threading
+
+    import dask
+
+    started, release = threading.Event(), threading.Event()
+
+    def block(x):
+        started.set()
+        assert release.wait(30)
+        return x
+
+    data = da.zeros((4, 8), dtype=np.float32, chunks=(4, 8)).map_blocks(block, dtype=np.float32)
+    ds = xr.Dataset({"a": (("y", "x"), data)})
+    before = dask.config.get("scheduler", None)
+    writer = threading.Thread(target=schema.write_dataset, args=(ds, str(tmp_path / "a.zarr")),
+                              kwargs={"scheduler": "threads"})
+    writer.start()
+    try:
+        assert started.wait(30)
+        seen = dask.config.get("scheduler", None)  # while the write is computing
+    finally:
+        release.set()
+        writer.join(30)
+    assert seen == before
+    assert xr.open_zarr(str(tmp_path / "a.zarr"), consolidated=False)["a"].shape == (4, 8)
