@@ -23,7 +23,8 @@ from isolated_cluster import IsolatedCluster
 from somaflow.extract import METHODS
 from somaflow.io import schema
 
-pytestmark = pytest.mark.integration
+# two archives of 8 sessions in one fixture: ~5 min on a quiet 2-core machine, far more under load
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 #: one task may carry at most this much (pickled run spec); array data travels through the store
 TASK_LIMIT = 1 << 20
@@ -69,11 +70,11 @@ def runs(make_movie, s3_server, isolated, prefect_api, tmp_path_factory):
     out = f"s3://{bucket}/results"
     proc = isolated.run_client(
         "archive", f"s3://{bucket}/manifest.yaml", "--out", out, "--cluster", isolated.address,
-        "--concurrency", "2", "--json",
+        "--concurrency", "2", "--json", timeout=1200,
         extra_env={"PYTHONWARNINGS": "error:Large object:UserWarning,error:Sending large graph:UserWarning"})
     ref = root / "results"
     run_cli("archive", str(root / "manifest.yaml"), "--out", str(ref), "--cluster", "local", "--workers", "2",
-            "--concurrency", "2", "--json", env=prefect_api)
+            "--concurrency", "2", "--json", env=prefect_api, timeout=1200)
     fs.invalidate_cache()
     return proc, out, ref
 
