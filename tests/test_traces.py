@@ -130,7 +130,8 @@ def test_dff_of_constant_baseline_with_known_transient():
     masks[0, 2:6, 2:6] = True
     movie = np.broadcast_to(f[:, None, None], (n_frames, 8, 8)).astype(np.float32)
     exact = DeconvolutionParams(  # the true kernel, no sparsity, no baseline: an exact inversion
-        tau_s=-1 / (FPS * math.log(0.9)), estimate_g=False, sparsity="penalty", baseline="zero"
+        tau_s=-1 / (FPS * math.log(0.9)), estimate_g=False, sparsity="penalty", penalty=0.0, baseline="zero",
+        onset_shift_s=0.0,
     )
     p = TraceParams(fps=FPS, neuropil_coefficient=0, baseline_window_s=20.0, deconvolution=exact)
     ds = extract_traces(as_movie(movie), as_masks(masks), p).compute()
@@ -148,7 +149,8 @@ def test_spikes_invert_the_ar1_model():
     c = np.convolve(spikes, g ** np.arange(n_frames))[:n_frames]
     movie = (100 * (1 + c))[:, None, None] * np.ones((1, 6, 6))
     masks = np.ones((1, 6, 6), bool)
-    exact = DeconvolutionParams(tau_s=0.7, estimate_g=False, sparsity="penalty", baseline="zero")
+    exact = DeconvolutionParams(tau_s=0.7, estimate_g=False, sparsity="penalty", penalty=0.0, baseline="zero",
+                                onset_shift_s=0.0)
     p = TraceParams(fps=FPS, neuropil_coefficient=0, baseline_window_s=5.0, deconvolution=exact)
     out = extract_traces(as_movie(movie.astype(np.float32)), as_masks(masks), p).compute()
     s = out.spikes.values[0]

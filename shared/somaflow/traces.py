@@ -20,9 +20,11 @@ Pipeline per unit (all lazy, dask-parallel):
 4. **Spikes** — OASIS non-negative deconvolution of each unit's whole ΔF/F
    trace (:func:`somaflow.deconvolve.deconvolve`, parameters in
    ``deconvolution``): AR(1) kernel shared by all units of the movie (the
-   median of the units' AR(2) fits, ``g_scope="shared"``; the prior
-   ``deconvolution.tau_s`` where no fit is stable), noise-constrained
-   sparsity, percentile baseline.
+   median of the units' AR(2) fits, ``g_scope="shared"``, its decay
+   shortened by ``decay_correction_s``; the prior ``deconvolution.tau_s``
+   where no fit is stable), a penalty of 3 noise SDs, percentile baseline,
+   spikes moved ``onset_shift_s`` earlier (defaults chosen by
+   leave-one-dataset-out CV on electrophysiology, ``docs/benchmarks.md``).
    ΔF/F rather than F so that the spikes of all units share one scale (ΔF/F
    jump per frame) and the running-percentile baseline has already removed
    slow drifts, which OASIS's constant baseline cannot follow. Computed per
