@@ -169,6 +169,58 @@ class DeconvolutionParams(BaseModel):
         return self
 
 
+class CalciumParams(BaseModel):
+    """How the denoised calcium is deconvolved where it differs from the spikes' :class:`DeconvolutionParams`.
+
+    The spike-inference defaults (a penalty of 3 noise SDs, the decay
+    shortened by ``decay_correction_s``) were chosen for the spikes; the same
+    fit's calcium follows the true calcium less closely at low SNR (the
+    penalty flattens small transients, the shortened kernel cuts their
+    tails). :meth:`apply` gives the parameters of a second OASIS pass whose
+    calcium keeps the previous defaults' fit: noise-constrained ``λ``, the
+    raw decay estimate (the kernel estimates of the first pass are reused).
+    On the simulator's held-out seeds (``benchmarks/bench_deconv_traces.py``,
+    CNMF, seeds 100-101) the spike defaults' own calcium lowered the median
+    matched-trace correlation on 2p-lowsnr from 0.487 to 0.404 (and raised
+    it by 0.003-0.007 on the other presets); with this pass ``traces`` is
+    the previous one exactly (``docs/benchmarks.md``).
+
+    Attributes
+    ----------
+    sparsity : {"noise", "penalty"}
+        As :attr:`DeconvolutionParams.sparsity`, for the calcium.
+    penalty : float
+        As :attr:`DeconvolutionParams.penalty` (``sparsity="penalty"`` only).
+    decay_correction_s : float or None
+        As :attr:`DeconvolutionParams.decay_correction_s`; ``None`` keeps the
+        estimated decay.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sparsity: Literal["noise", "penalty"] = Field(
+        "noise", description="the calcium's sparsity: 'noise': residual = noise level; 'penalty': lambda = "
+        "penalty * sigma")
+    penalty: float = Field(0.0, ge=0, description="the calcium's lambda in noise SDs (sparsity='penalty')")
+    decay_correction_s: float | None = Field(
+        None, gt=0, description="the calcium's estimated decay tau shortened to 1/(1/tau + 1/this) (s); None "
+        "keeps it")
+
+    def apply(self, spikes: DeconvolutionParams) -> DeconvolutionParams:
+        """``spikes`` with this sparsity and decay correction (no onset shift: it moves only spikes).
+
+        Raises
+        ------
+        pydantic.ValidationError
+            The combination is invalid (e.g. ``sparsity="penalty"`` with ``baseline="optimize"``).
+        """
+        update = self.model_dump()
+        if self.sparsity != "penalty":
+            update.pop("penalty")
+        return DeconvolutionParams.model_validate(
+            {**spikes.model_dump(exclude={"penalty"}), **update, "onset_shift_s": 0.0})
+
+
 @dataclass(frozen=True)
 class DeconvolutionResult:
     """Output of :func:`deconvolve`; arrays mirror the input (numpy or xarray).
