@@ -315,11 +315,12 @@ def test_temporal_outputs_are_blocking_independent_and_match_the_row_functions()
     with dask.config.set(scheduler="threads"):
         calcium, s_out, dff = C.temporal_outputs(raw, fluo, 10.0, tp)
     ref = deconvolve(raw, 10.0, params=tp.deconvolution)  # one kernel shared by all 37 units, 3 blocks
+    ref_c = deconvolve(raw, 10.0, params=tp.calcium_deconvolution())  # the calcium's pass
     window = window_frames(tp.baseline_window_s * 10.0, 400)
     ref_dff = dff_rows(fluo, fluo, window=window, percentile=tp.baseline_percentile,
                        samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction)
     assert calcium.dtype == s_out.dtype == dff.dtype == np.float32
-    np.testing.assert_allclose(calcium, ref.calcium, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(calcium, ref_c.calcium, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s_out, ref.spikes, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dff, ref_dff, rtol=1e-5, atol=1e-6)
     # with per-trace kernels one unit alone gives the same row as inside a block

@@ -27,6 +27,8 @@ from somaflow.oasis import (
 
 GROUND_TRUTH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spike_ground_truth"
 FPS = 30.0
+#: the exact OASIS model: the raw kernel estimate, spikes = G c (no onset shift)
+EXACT = {"decay_correction_s": None, "onset_shift_s": 0.0}
 
 
 def ar_traces(rng, n, t, g, rate=1.0, noise=0.15, baseline=1.0):
@@ -75,7 +77,7 @@ def test_deconvolve_penalty_mode_is_the_penalized_optimum():
     """The public path: the returned (g, b, λ) define a problem whose optimum is the returned c."""
     rng = np.random.default_rng(4)
     y, _, _ = ar_traces(rng, 1, 200, np.array([[0.92]]), rate=3.0, noise=0.2, baseline=0.5)
-    p = DeconvolutionParams(estimate_g=False, tau_s=0.4, sparsity="penalty", penalty=1.5)
+    p = DeconvolutionParams(estimate_g=False, tau_s=0.4, sparsity="penalty", penalty=1.5, onset_shift_s=0.0)
     out = deconvolve(y[0], FPS, params=p)
     assert out.lam == pytest.approx(1.5 * out.noise)
     c_ref, s_ref = nnls_solution(y[0] - out.baseline, out.g, out.lam)
@@ -87,7 +89,7 @@ def test_deconvolve_penalty_mode_is_the_penalized_optimum():
 def test_noise_mode_meets_the_noise_constraint(baseline):
     rng = np.random.default_rng(5)
     y, _, _ = ar_traces(rng, 1, 1500, np.array([[0.95]]), rate=1.0, noise=0.2, baseline=0.0)
-    out = deconvolve(y[0], FPS, params=DeconvolutionParams(baseline=baseline))
+    out = deconvolve(y[0], FPS, params=DeconvolutionParams(baseline=baseline, sparsity="noise", **EXACT))
     resid = y[0] - out.baseline - out.calcium
     assert out.lam > 0
     assert np.sum(resid**2) == pytest.approx(out.noise**2 * y.size, rel=1e-2)
@@ -118,8 +120,8 @@ def test_ar2_matches_ar1_as_the_rise_vanishes_and_is_near_optimal():
 def test_s_min_drops_small_spikes():
     rng = np.random.default_rng(7)
     y, _, _ = ar_traces(rng, 2, 1000, np.array([[0.93], [0.9]]), rate=2.0, noise=0.2)
-    out = deconvolve(y, FPS, params=DeconvolutionParams(s_min=2.0))
-    plain = deconvolve(y, FPS)
+    out = deconvolve(y, FPS, params=DeconvolutionParams(s_min=2.0, sparsity="noise", **EXACT))
+    plain = deconvolve(y, FPS, params=DeconvolutionParams(sparsity="noise", **EXACT))
     assert (out.spikes > 0).sum() < (plain.spikes > 0).sum()
     for i in range(2):
         kept = out.spikes[i][out.spikes[i] > 0]
@@ -137,7 +139,7 @@ def test_recovers_kernel_and_spikes_of_synthetic_traces(order):
     r = np.exp(-1 / (0.08 * FPS)) if order == 2 else 0.0
     g = np.stack([d + r, -d * r], axis=1)[:, :order]
     y, s, _ = ar_traces(rng, 3, 3000, g, rate=1.0, noise=0.15, baseline=1.0)
-    out = deconvolve(y, FPS, params=DeconvolutionParams(ar_order=order, tau_rise_s=0.08))
+    out = deconvolve(y, FPS, params=DeconvolutionParams(ar_order=order, tau_rise_s=0.08, **EXACT))
     g1, g2 = out.g[:, 0], (out.g[:, 1] if order == 2 else 0.0)
     decay = (g1 + np.sqrt(g1**2 + 4 * g2)) / 2
     np.testing.assert_array_less(np.abs(decay - d) / d, 0.1)
@@ -160,8 +162,8 @@ def test_shared_kernel_beats_each_traces_own_fit_on_short_noisy_traces():
     s = (rng.random((n, t)) < 0.3 / fps) * rng.uniform(0.5, 1.5, (n, t))
     c = np.stack([lfilter([1.0], np.r_[1.0, -g[i]], s[i]) for i in range(n)])
     y = 1 + c + 0.5 * rng.standard_normal((n, t))
-    own = deconvolve(y, fps)
-    shared = deconvolve(y, fps, params=DeconvolutionParams(g_scope="shared"))
+    own = deconvolve(y, fps, params=DeconvolutionParams(**EXACT))
+    shared = deconvolve(y, fps, params=DeconvolutionParams(g_scope="shared", **EXACT))
     assert np.ptp(shared.g[:, 0]) == 0  # one kernel for all rows
     tau_shared = -1 / (fps * np.log(shared.g[0, 0]))
     tau_own = -1 / (fps * np.log(own.g[:, 0]))
@@ -172,7 +174,7 @@ def test_shared_kernel_beats_each_traces_own_fit_on_short_noisy_traces():
     r_shared = np.median([np.corrcoef(shared.calcium[i], c[i])[0, 1] for i in np.flatnonzero(active)])
     assert r_shared > r_own + 0.005
     # the two public steps give the same kernel, as the chunked pipeline uses them
-    fixed = shared_kernel(kernel_estimates(y, fps), fps, DeconvolutionParams(g_scope="shared"))
+    fixed = shared_kernel(kernel_estimates(y, fps), fps, DeconvolutionParams(g_scope="shared", **EXACT))
     assert not fixed.estimate_g and fixed.tau_s == pytest.approx(tau_shared, rel=1e-9)
     np.testing.assert_allclose(deconvolve(y, fps, params=fixed).calcium, shared.calcium, rtol=1e-9, atol=1e-12)
 
@@ -181,11 +183,42 @@ def test_shared_kernel_keeps_the_prior_without_a_stable_fit_and_bounds_the_rise(
     p = DeconvolutionParams(g_scope="shared", tau_s=0.9)
     fixed = shared_kernel(np.full((3, 2), np.nan), 30.0, p)
     assert not fixed.estimate_g and fixed.tau_s == 0.9
-    p2 = DeconvolutionParams(g_scope="shared", ar_order=2, tau_s=0.9, tau_rise_s=0.1)
+    p2 = DeconvolutionParams(g_scope="shared", ar_order=2, tau_s=0.9, tau_rise_s=0.1, decay_correction_s=None)
     d = np.exp(-1 / (0.5 * 30.0))
     fixed2 = shared_kernel(np.array([[d, d * d], [d, d * d], [np.nan, np.nan]]), 30.0, p2)
     assert fixed2.tau_s == pytest.approx(0.5) and 0 < fixed2.tau_rise_s < fixed2.tau_s / 2
     assert kernel_estimates(np.zeros(100), 30.0).shape == (1, 2)
+
+
+def test_decay_correction_shortens_estimated_kernels_only():
+    """1/τ = 1/τ_est + 1/τ_c for the per-trace and the shared estimate; the prior is used as given."""
+    rng = np.random.default_rng(12)
+    y, _, _ = ar_traces(rng, 3, 2000, np.full((3, 1), np.exp(-1 / (0.8 * FPS))), rate=1.0, noise=0.1)
+    raw = deconvolve(y, FPS, params=DeconvolutionParams(**EXACT))
+    short = deconvolve(y, FPS, params=DeconvolutionParams(decay_correction_s=2.0, onset_shift_s=0.0))
+    tau = lambda g: -1 / (FPS * np.log(g[:, 0]))  # noqa: E731
+    np.testing.assert_allclose(1 / tau(short.g), 1 / tau(raw.g) + 1 / 2.0, rtol=1e-9)
+    est = kernel_estimates(y, FPS)
+    fixed_raw = shared_kernel(est, FPS, DeconvolutionParams(g_scope="shared", **EXACT))
+    fixed = shared_kernel(est, FPS, DeconvolutionParams(g_scope="shared", decay_correction_s=2.0))
+    assert 1 / fixed.tau_s == pytest.approx(1 / fixed_raw.tau_s + 0.5, rel=1e-9)
+    prior = deconvolve(y, FPS, params=DeconvolutionParams(estimate_g=False, tau_s=0.8, decay_correction_s=2.0))
+    np.testing.assert_allclose(tau(prior.g), 0.8, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shift_frames", [0.5, 1.0, 2.25])
+def test_onset_shift_moves_spikes_earlier_and_leaves_calcium(shift_frames):
+    rng = np.random.default_rng(13)
+    y, _, _ = ar_traces(rng, 2, 400, np.array([[0.93], [0.9]]), rate=2.0, noise=0.1)
+    base = dict(estimate_g=False, tau_s=0.5)
+    plain = deconvolve(y, FPS, params=DeconvolutionParams(**base, onset_shift_s=0.0))
+    moved = deconvolve(y, FPS, params=DeconvolutionParams(**base, onset_shift_s=shift_frames / FPS))
+    np.testing.assert_array_equal(moved.calcium, plain.calcium)
+    k, a = int(shift_frames), shift_frames - int(shift_frames)
+    s = np.pad(plain.spikes, ((0, 0), (0, k + 2)))
+    t = y.shape[1]
+    np.testing.assert_allclose(moved.spikes, (1 - a) * s[:, k : k + t] + a * s[:, k + 1 : k + 1 + t], atol=1e-12)
+    assert (moved.spikes >= 0).all()
 
 
 def test_noise_from_the_spectrum():
@@ -270,7 +303,10 @@ def test_params_validate_combinations():
     with pytest.raises(ValidationError, match="sparsity='noise'"):
         DeconvolutionParams(baseline="optimize", sparsity="penalty", penalty=1.0)
     with pytest.raises(ValidationError, match="penalty"):
-        DeconvolutionParams(penalty=1.0)
+        DeconvolutionParams(sparsity="noise", penalty=1.0)
+    # the default penalty is ignored by the noise constraint; baseline="optimize" selects it
+    assert DeconvolutionParams(sparsity="noise").penalty == 3.0
+    assert DeconvolutionParams(baseline="optimize").sparsity == "noise"
     with pytest.raises(ValidationError, match="tau_rise_s"):
         DeconvolutionParams(ar_order=2, tau_s=0.1, tau_rise_s=0.08)
     with pytest.raises(ValidationError, match="tau_range_s"):

@@ -130,7 +130,8 @@ def test_dff_of_constant_baseline_with_known_transient():
     masks[0, 2:6, 2:6] = True
     movie = np.broadcast_to(f[:, None, None], (n_frames, 8, 8)).astype(np.float32)
     exact = DeconvolutionParams(  # the true kernel, no sparsity, no baseline: an exact inversion
-        tau_s=-1 / (FPS * math.log(0.9)), estimate_g=False, sparsity="penalty", baseline="zero"
+        tau_s=-1 / (FPS * math.log(0.9)), estimate_g=False, sparsity="penalty", penalty=0.0, baseline="zero",
+        onset_shift_s=0.0,
     )
     p = TraceParams(fps=FPS, neuropil_coefficient=0, baseline_window_s=20.0, deconvolution=exact)
     ds = extract_traces(as_movie(movie), as_masks(masks), p).compute()
@@ -148,7 +149,8 @@ def test_spikes_invert_the_ar1_model():
     c = np.convolve(spikes, g ** np.arange(n_frames))[:n_frames]
     movie = (100 * (1 + c))[:, None, None] * np.ones((1, 6, 6))
     masks = np.ones((1, 6, 6), bool)
-    exact = DeconvolutionParams(tau_s=0.7, estimate_g=False, sparsity="penalty", baseline="zero")
+    exact = DeconvolutionParams(tau_s=0.7, estimate_g=False, sparsity="penalty", penalty=0.0, baseline="zero",
+                                onset_shift_s=0.0)
     p = TraceParams(fps=FPS, neuropil_coefficient=0, baseline_window_s=5.0, deconvolution=exact)
     out = extract_traces(as_movie(movie.astype(np.float32)), as_masks(masks), p).compute()
     s = out.spikes.values[0]
@@ -316,5 +318,51 @@ def test_traces_are_the_denoised_calcium():
     r_dff = np.corrcoef(ds.dff.values[0], calcium)[0, 1]
     r_trace = np.corrcoef(ds.traces.values[0], calcium)[0, 1]
     assert r_trace > r_dff + 0.02
-    expected = deconvolve(ds.dff.values[0].astype(np.float64), FPS, params=TraceParams().deconvolution).calcium
+    dff = ds.dff.values[0].astype(np.float64)
+    p = TraceParams()
+    # traces: the calcium pass (noise-constrained, raw decay); spikes: the spike settings
+    assert p.calcium_deconvolution().sparsity == "noise" and p.calcium_deconvolution().decay_correction_s is None
+    expected = deconvolve(dff, FPS, params=p.calcium_deconvolution()).calcium
     np.testing.assert_allclose(ds.traces.values[0], np.ravel(expected), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds.spikes.values[0], np.ravel(deconvolve(dff, FPS, params=p.deconvolution).spikes),
+                               rtol=1e-4, atol=1e-5)
+    # calcium=None: one pass, traces = the spike fit's own calcium
+    one = extract_traces(as_movie(movie.astype(np.float32)), as_masks(mask),
+                         TraceParams(fps=FPS, neuropil_coefficient=0, calcium=None)).compute()
+    own = deconvolve(dff, FPS, params=p.deconvolution).calcium
+    np.testing.assert_allclose(one.traces.values[0], np.ravel(own), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(one.traces.values[0], ds.traces.values[0], atol=1e-3)
+    np.testing.assert_array_equal(one.spikes.values, ds.spikes.values)
+
+
+def test_calcium_pass_reuses_the_shared_kernel_estimates():
+    """The two passes' kernels come from one set of estimates, each with its own decay correction."""
+    import dask.array as da
+
+    from somaflow.traces import deconvolve_blocks
+
+    rng = np.random.default_rng(6)
+    t = 400
+    calcium = np.stack([np.convolve((rng.random(t) < 0.05) * 1.0, 0.9 ** np.arange(60))[:t] for _ in range(7)])
+    dff = calcium + 0.2 * rng.standard_normal(calcium.shape)
+    p = TraceParams()
+    out = deconvolve_blocks(da.from_array(dff, chunks=(3, -1)), FPS, p.deconvolution,
+                            p.calcium_deconvolution()).compute()
+    ref_c = deconvolve(dff, FPS, params=p.calcium_deconvolution())
+    ref_s = deconvolve(dff, FPS, params=p.deconvolution)
+    np.testing.assert_allclose(out[0], ref_c.calcium, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out[1], ref_s.spikes, rtol=1e-10, atol=1e-12)
+    tau = lambda g: -1 / (FPS * np.log(g[0, 0]))  # noqa: E731
+    assert 1 / tau(ref_s.g) == pytest.approx(1 / tau(ref_c.g) + 1 / p.deconvolution.decay_correction_s, rel=1e-9)
+
+
+def test_calcium_params_validate_with_the_deconvolution():
+    with pytest.raises(ValidationError, match="calcium"):
+        TraceParams(deconvolution={"baseline": "optimize", "sparsity": "noise", "penalty": 0},
+                    calcium={"sparsity": "penalty", "penalty": 1.0})
+    p = TraceParams(calcium={"sparsity": "penalty", "penalty": 2.0, "decay_correction_s": 3.0})
+    c = p.calcium_deconvolution()
+    assert (c.sparsity, c.penalty, c.decay_correction_s, c.onset_shift_s) == ("penalty", 2.0, 3.0, 0.0)
+    assert c.g_scope == p.deconvolution.g_scope and c.tau_s == p.deconvolution.tau_s
+    assert TraceParams.model_validate(p.model_dump()) == p
+    assert TraceParams(calcium=None).calcium_deconvolution() == TraceParams().deconvolution

@@ -20,9 +20,15 @@ Pipeline per unit (all lazy, dask-parallel):
 4. **Spikes** — OASIS non-negative deconvolution of each unit's whole ΔF/F
    trace (:func:`somaflow.deconvolve.deconvolve`, parameters in
    ``deconvolution``): AR(1) kernel shared by all units of the movie (the
-   median of the units' AR(2) fits, ``g_scope="shared"``; the prior
-   ``deconvolution.tau_s`` where no fit is stable), noise-constrained
-   sparsity, percentile baseline.
+   median of the units' AR(2) fits, ``g_scope="shared"``, its decay
+   shortened by ``decay_correction_s``; the prior ``deconvolution.tau_s``
+   where no fit is stable), a penalty of 3 noise SDs, percentile baseline,
+   spikes moved ``onset_shift_s`` earlier (defaults chosen by
+   leave-one-dataset-out CV on electrophysiology, ``docs/benchmarks.md``).
+   ``traces`` (the denoised calcium) is a second pass with the same kernel
+   estimates but noise-constrained sparsity and the raw decay (``calcium``):
+   the spike settings' own calcium matches the true calcium less well at low
+   SNR (``benchmarks/bench_deconv_traces.py``).
    ΔF/F rather than F so that the spikes of all units share one scale (ΔF/F
    jump per frame) and the running-percentile baseline has already removed
    slow drifts, which OASIS's constant baseline cannot follow. Computed per
@@ -50,7 +56,7 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 from numpy.lib.stride_tricks import sliding_window_view
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from scipy import ndimage
 
 from somaflow.errors import InputError, ParameterError
@@ -58,10 +64,9 @@ from somaflow.footprints import sparse_masks
 from somaflow.frames import check_movie, whole_frames
 from somaflow.oasis import (
     MIN_FRAMES,
+    CalciumParams,
     DeconvolutionParams,
-    deconvolve,
-    kernel_estimates,
-    shared_kernel,
+    deconvolve_blocks,
 )
 from somaflow.robust import diff_noise_sd
 
@@ -102,10 +107,16 @@ class TraceParams(BaseModel):
         length in frames gives ``scipy.ndimage.percentile_filter`` exactly.
     min_baseline_fraction : float
         Floor of F0 as a fraction of the unit's median raw fluorescence.
-    deconvolution : somaflow.deconvolve.DeconvolutionParams
+    deconvolution : somaflow.oasis.DeconvolutionParams
         Spike inference (OASIS) on ΔF/F; its ``tau_s`` (indicator decay, s)
         also sets the SNR smoothing. A legacy top-level ``tau_s`` is moved
         here.
+    calcium : somaflow.oasis.CalciumParams or None
+        ``traces`` (with ``denoise``) is the calcium of a second OASIS pass,
+        ``deconvolution`` with these sparsity and decay settings (the
+        previous defaults: noise-constrained, the raw decay estimate), which
+        keep the match to the true calcium that the spike settings lose at
+        low SNR; ``None``: the calcium of the spikes' own fit (one pass).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -128,6 +139,9 @@ class TraceParams(BaseModel):
     deconvolution: DeconvolutionParams = Field(
         _DECONVOLUTION, description="spike inference (OASIS) on each unit's dF/F"
     )
+    calcium: CalciumParams | None = Field(
+        CalciumParams(), description="the denoised calcium (`traces`) from a second OASIS pass with this sparsity "
+        "and decay correction (the spikes' kernel estimates reused); None: the spikes' pass's calcium")
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +161,19 @@ class TraceParams(BaseModel):
             sub["tau_s"] = data.pop("tau_s")
         data["deconvolution"] = sub
         return data
+
+    @model_validator(mode="after")
+    def _calcium_valid(self) -> TraceParams:
+        try:
+            self.calcium_deconvolution()
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"calcium with deconvolution: {msg} (for calcium)") from None
+        return self
+
+    def calcium_deconvolution(self) -> DeconvolutionParams:
+        """The deconvolution whose calcium is ``traces``: ``deconvolution`` with ``calcium`` applied."""
+        return self.deconvolution if self.calcium is None else self.calcium.apply(self.deconvolution)
 
     @classmethod
     def for_movie(cls, fps: float, modality: str, neuron_radius: float) -> TraceParams:
@@ -194,7 +221,8 @@ def extract_traces(movie: xr.DataArray, masks: xr.DataArray, params: TraceParams
     -------
     xarray.Dataset
         ``traces`` (unit, frame) float32
-            denoised calcium: OASIS's fit to ΔF/F (dimensionless); with
+            denoised calcium: OASIS's fit to ΔF/F (dimensionless; the pass of
+            ``params.calcium_deconvolution()``); with
             ``params.denoise=False`` the neuropil-corrected fluorescence ``F``
             (movie units).
         ``dff`` (unit, frame) float32
@@ -293,7 +321,8 @@ def weighted_traces(movie: xr.DataArray, weights: sp.csr_matrix, params: TracePa
         percentile=params.baseline_percentile, samples=params.baseline_samples_per_window,
         min_fraction=params.min_baseline_fraction, dtype=np.float64,
     )
-    oasis = deconvolve_blocks(dff, fps, params.deconvolution)
+    oasis = deconvolve_blocks(dff, fps, params.deconvolution,
+                              params.calcium_deconvolution() if params.denoise else None)
     spikes = oasis[1]
     trace = oasis[0] if params.denoise else corrected
     n_smooth = max(1, int(round(params.deconvolution.tau_s * fps / 2)))
@@ -529,50 +558,6 @@ def dff_rows(
     floor = np.maximum(min_fraction * np.median(raw, axis=-1), _noise_sd(f))
     floor = np.maximum(floor, np.finfo(np.float32).tiny)
     return (f - f0) / np.maximum(f0, floor[:, None])
-
-
-def deconvolve_blocks(dff: da.Array, fps: float, params: DeconvolutionParams) -> da.Array:
-    """OASIS on a unit-chunked ΔF/F array, each chunk holding whole traces.
-
-    With ``params.g_scope == "shared"`` (and ``estimate_g``) the kernel is
-    shared by all units, not by the units of a chunk: each chunk's
-    :func:`somaflow.oasis.kernel_estimates` are gathered first and
-    :func:`somaflow.oasis.shared_kernel` fixes it, so the result does not
-    depend on the chunking.
-
-    Parameters
-    ----------
-    dff : dask.array.Array
-        (unit, frame) float64, one chunk along ``frame``.
-    fps : float
-        Frame rate (Hz).
-    params : DeconvolutionParams
-
-    Returns
-    -------
-    dask.array.Array
-        (2, unit, frame) float64: denoised calcium, spikes.
-    """
-    if params.estimate_g and params.g_scope == "shared":
-        est = da.map_blocks(_kernel_block, dff, fps=fps, params=params, chunks=(dff.chunks[0], (2,)),
-                            dtype=np.float64)
-        params = dask.delayed(shared_kernel, pure=True)(est, fps, params)
-    return da.map_blocks(_oasis_block, dff, fps=fps, params=params, new_axis=0,
-                         chunks=((2,), *dff.chunks), dtype=np.float64)
-
-
-def _kernel_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:
-    """(unit, 2) AR(2) root estimates of rows holding whole ΔF/F traces."""
-    if dff.shape[0] == 0:
-        return np.zeros((0, 2))
-    return kernel_estimates(dff, fps, params)
-
-
-def _oasis_block(dff: np.ndarray, *, fps: float, params: DeconvolutionParams) -> np.ndarray:
-    """(2, unit, frame): OASIS denoised calcium and spikes of rows holding whole ΔF/F traces."""
-    res = deconvolve(dff, fps, params=params)
-    return np.stack([np.asarray(res.calcium, np.float64).reshape(dff.shape),
-                     np.asarray(res.spikes, np.float64).reshape(dff.shape)])
 
 
 def _snr_block(dff: np.ndarray, *, n: int) -> np.ndarray:

@@ -60,21 +60,29 @@ Parameters estimated per trace
   neglects the coupling of a pool to its predecessor (the greedy solver's
   approximation) and the re-solves correct it.
 
-Modules: :mod:`~.params`, :mod:`~.kernels`, :mod:`~.pools`, :mod:`~.solve`.
+Modules: :mod:`~.params`, :mod:`~.kernels`, :mod:`~.pools`, :mod:`~.solve`, :mod:`~.blocks` (Dask).
 """
 
 from __future__ import annotations
 
+from somaflow.oasis.blocks import deconvolve_blocks
 from somaflow.oasis.kernels import estimate_ar, estimate_noise, kernel_estimates, shared_kernel
-from somaflow.oasis.params import MIN_FRAMES, DeconvolutionParams, DeconvolutionResult
+from somaflow.oasis.params import (
+    MIN_FRAMES,
+    CalciumParams,
+    DeconvolutionParams,
+    DeconvolutionResult,
+)
 from somaflow.oasis.pools import oasis
 from somaflow.oasis.solve import deconvolve
 
 __all__ = [
+    "CalciumParams",
     "DeconvolutionParams",
     "DeconvolutionResult",
     "MIN_FRAMES",
     "deconvolve",
+    "deconvolve_blocks",
     "estimate_ar",
     "estimate_noise",
     "kernel_estimates",

@@ -100,9 +100,17 @@ def _kernel(y: np.ndarray, fps: float, sn: np.ndarray, p: DeconvolutionParams) -
         n_bad = int((~ok).sum())
         if n_bad:
             log.debug("deconvolve: %d of %d traces gave no stable AR estimate; using the prior", n_bad, n)
-        d = np.where(ok, est[:, 0], d)
-        r = np.where(ok, est[:, 1], r)
+        d_est = _shorten(est[:, 0], fps, p.decay_correction_s)
+        d = np.where(ok, d_est, d)
+        r = np.where(ok, np.minimum(est[:, 1], d_est * d_est), r)
     return d, r
+
+
+def _shorten(d: np.ndarray, fps: float, correction_s: float | None) -> np.ndarray:
+    """Decay roots with 1/τ raised by 1/``correction_s`` (``decay_correction_s``); unchanged for None."""
+    if correction_s is None:
+        return d
+    return d * math.exp(-1.0 / (correction_s * fps))
 
 
 def _fit_roots(y: np.ndarray, fps: float, sn: np.ndarray, order: int, p: DeconvolutionParams) -> np.ndarray:
@@ -165,7 +173,8 @@ def shared_kernel(estimates: np.ndarray, fps: float, params: DeconvolutionParams
     -------
     DeconvolutionParams
         ``estimate_g=False`` and ``tau_s`` (and for AR(2) ``tau_rise_s``) from
-        the median decay (and rise) root of the stable estimates.
+        the median decay (and rise) root of the stable estimates, the decay
+        shortened by ``params.decay_correction_s``.
     """
     est = np.asarray(estimates, dtype=np.float64).reshape(-1, 2)
     ok = np.isfinite(est).all(axis=1)
@@ -173,6 +182,8 @@ def shared_kernel(estimates: np.ndarray, fps: float, params: DeconvolutionParams
         log.info("deconvolve: no trace gave a stable AR fit; the kernel is the prior (tau %.3g s)", params.tau_s)
         return params.model_copy(update={"estimate_g": False})
     d, r = np.median(est[ok], axis=0)
+    d = float(_shorten(np.asarray(d), fps, params.decay_correction_s))
+    r = min(r, d * d)
     tau = -1.0 / (fps * math.log(d))
     update: dict[str, Any] = {"estimate_g": False, "tau_s": tau}
     if params.ar_order == 2:

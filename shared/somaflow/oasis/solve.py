@@ -47,8 +47,9 @@ def deconvolve(trace: Any, fps: float, *, params: DeconvolutionParams | None = N
     fps : float
         Frame rate (Hz).
     params : DeconvolutionParams, optional
-        Defaults: AR(1), ``g`` estimated per trace (τ prior 0.7 s),
-        noise-constrained sparsity, percentile baseline.
+        Defaults: AR(1), ``g`` estimated per trace (τ prior 0.7 s) and its
+        decay shortened (``decay_correction_s``), a penalty of 3 noise SDs,
+        percentile baseline, spikes moved 33 ms earlier (``onset_shift_s``).
 
     Returns
     -------
@@ -102,8 +103,32 @@ def _solve(y: np.ndarray, fps: float, p: DeconvolutionParams) -> dict[str, np.nd
     lam = p.penalty * sn if p.sparsity == "penalty" else np.zeros(n)
     pools = _iterate(y, d, r, sn, smin, b, lam, p)
     calcium, spikes = _calcium(pools, d, r, y.shape)
+    spikes = advance(spikes, p.onset_shift_s * fps)
     g = np.stack([d + r, -d * r], axis=1)[:, : p.ar_order]
     return {"calcium": calcium, "spikes": spikes, "baseline": b, "g": g, "noise": sn, "lam": lam}
+
+
+def advance(s: np.ndarray, frames: float) -> np.ndarray:
+    """Rows of ``s`` moved ``frames`` (≥ 0, fractional) earlier by linear interpolation, zeros at the end.
+
+    Parameters
+    ----------
+    s : ndarray, (n, frame) float
+    frames : float
+        Shift in frames (``onset_shift_s · fps``).
+
+    Returns
+    -------
+    ndarray, (n, frame) float64
+        ``out_t = (1 − a) s_{t+k} + a s_{t+k+1}`` with ``k + a = frames``.
+    """
+    if frames <= 0:
+        return s
+    k = int(np.floor(frames))
+    a = frames - k
+    t = s.shape[1]
+    z = np.concatenate([s, np.zeros((len(s), k + 2))], axis=1)
+    return (1 - a) * z[:, k : k + t] + a * z[:, k + 1 : k + 1 + t]
 
 
 def _iterate(y, d, r, sn, smin, b, lam, p: DeconvolutionParams) -> _Pools:

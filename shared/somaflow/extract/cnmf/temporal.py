@@ -13,9 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
+from somaflow.oasis import deconvolve_blocks
 from somaflow.traces import (
     TraceParams,
-    deconvolve_blocks,
     dff_rows,
     weighted_traces,
     window_frames,
@@ -107,7 +107,7 @@ def temporal_outputs(raw: np.ndarray, fluorescence: np.ndarray, fps: float,
     dff = da.map_blocks(dff_rows, f_d, f_d, window=window, percentile=tp.baseline_percentile,
                         samples=tp.baseline_samples_per_window, min_fraction=tp.min_baseline_fraction,
                         dtype=np.float64)
-    dec = deconvolve_blocks(raw_d, fps, tp.deconvolution)
+    dec = deconvolve_blocks(raw_d, fps, tp.deconvolution, tp.calcium_deconvolution())
     dec_v, dff_v = dask.compute(dec.astype(np.float32), dff.astype(np.float32))
     return dec_v[0], dec_v[1], dff_v
 
