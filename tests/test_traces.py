@@ -357,6 +357,11 @@ def test_calcium_pass_reuses_the_shared_kernel_estimates():
 
 
 def test_calcium_params_validate_with_the_deconvolution():
+    # partial sections are filled from the stage defaults (sparsity penalty, penalty 3)
+    assert TraceParams(deconvolution={"sparsity": "noise"}).deconvolution.sparsity == "noise"
+    assert TraceParams(deconvolution={"baseline": "optimize", "sparsity": "noise"}).deconvolution.baseline == "optimize"
+    with pytest.raises(ValidationError, match="set sparsity: noise too"):
+        TraceParams(deconvolution={"baseline": "optimize"})
     with pytest.raises(ValidationError, match="calcium"):
         TraceParams(deconvolution={"baseline": "optimize", "sparsity": "noise", "penalty": 0},
                     calcium={"sparsity": "penalty", "penalty": 1.0})

@@ -162,10 +162,10 @@ class DeconvolutionParams(BaseModel):
                              f"({self.tau_s / 2}); lower tau_rise_s or use ar_order=1")
         if self.baseline == "optimize" and self.sparsity != "noise":
             raise ValueError("baseline='optimize' needs sparsity='noise' (with a fixed penalty a lower "
-                             "b always fits as well); use baseline='percentile' or 'zero'")
-        if self.penalty > 0 and self.sparsity != "penalty" and "penalty" in self.model_fields_set:
-            raise ValueError("penalty is used only with sparsity='penalty'; set sparsity='penalty' "
-                             "or penalty=0")
+                             "b always fits as well); set sparsity: noise too, or use baseline "
+                             "'percentile' or 'zero'")
+        # penalty is not checked against sparsity: a partial section is filled from the defaults
+        # (penalty 3), so sparsity: noise alone must stay valid; the noise constraint ignores it
         return self
 
 
