@@ -171,13 +171,16 @@ def write_dataset(
     *,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    scheduler: str | None = None,
 ) -> str:
     """Write any dataset to a zarr v3 store atomically and mark it ``complete``.
 
     Used for movies, results and a run's intermediates. Fixed-length unicode
     arrays are written as variable-length UTF-8 strings (zarr v3's ``string``
     data type; fixed-length UTF-32 has no zarr v3 specification); encodings
-    are reset so the dask chunks become the zarr chunks.
+    are reset so the dask chunks become the zarr chunks. ``scheduler``: the dask
+    scheduler of this write only (None: the default one, a distributed client if
+    one is running).
     """
     url = stores.normalize_url(url)
     ds = ds.copy()
@@ -189,7 +192,10 @@ def write_dataset(
         v.encoding = {}
     with stores.atomic_output(url, overwrite=overwrite, storage_options=storage_options) as tmp:
         try:
-            ds.to_zarr(tmp, mode="w", **_zarr_kwargs(tmp, storage_options))
+            # the scheduler is chosen per call, never through dask's process-wide config: other
+            # sessions of an archive compute on the same client from other threads meanwhile
+            dask.compute(ds.to_zarr(tmp, mode="w", compute=False, **_zarr_kwargs(tmp, storage_options)),
+                         scheduler=scheduler)
         except (OSError, PermissionError) as exc:
             raise StoreError(f"cannot write {url!r}: {exc}") from exc
     mark_complete(url, storage_options=storage_options)
@@ -386,8 +392,7 @@ def write_result(
     # a result is assembled in this process (or read lazily from the run's stage zarrs):
     # encode it on local threads; a distributed client would ship every chunk through
     # the scheduler and back (measured 8x slower for 937 units at 512x512)
-    with dask.config.set(scheduler="threads"):
-        return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options)
+    return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options, scheduler="threads")
 
 
 def open_result(

@@ -301,8 +301,8 @@ def _opening_foreground(frames: np.ndarray, params: DetectorInputParams) -> np.n
 
     mp = MorphParams(radius=params.opening_radius, downsample=params.opening_downsample)
     arr = xr.DataArray(frames, dims=("frame", "y", "x"))
-    with dask.config.set(scheduler="synchronous"):
-        return np.asarray(morphological_background(arr, mp).values, np.float32)
+    # per call, not dask's process-wide config (other threads compute on a distributed client)
+    return np.asarray(morphological_background(arr, mp).compute(scheduler="synchronous").values, np.float32)
 
 
 def _check_stats(stats: xr.Dataset, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
