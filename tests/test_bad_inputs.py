@@ -179,6 +179,10 @@ CASES = [
     Case("zarr-group", _run("{dir}/group.zarr", "--out", "{dir}/locked.zarr", *FPS), 3, "another run", "group.zarr"),
     Case("zarr-group-dataset", _run("{dir}/group.zarr", "--dataset", "imaging", "--out", "{dir}/locked.zarr", *FPS),
          3, "another run", "group.zarr"),
+    # the inference service's own code: nothing answers at --inference
+    Case("inference-unreachable", _run("{dir}/good.tif", "--out", "{out}", *FPS, "--inference",
+                                       "http://127.0.0.1:{closed}"), 4, "127.0.0.1:{closed}", "good.tif",
+         env={"SOMAFLOW_INFERENCE_DEADLINE": "2"}),
     # archive: bad options fail at once, before a server or cluster starts
     Case("archive-radius-zero", ("archive", "{dir}/manifest.yaml", "--out", "{out}", "--neuron-radius", "0"), 2,
          "--neuron-radius", "manifest.yaml"),
@@ -216,6 +220,7 @@ class Outcome:
     after: dict[str, tuple[int, int]]
     input_before: str
     input_after: str
+    closed: str
 
 
 #: runs each case's command line in a process forked from one interpreter that imported the
@@ -277,7 +282,7 @@ def matrix(tmp_path_factory) -> dict[str, Outcome]:
     outcomes = {}
     for name, (d, src, before, digest) in state.items():
         outcomes[name] = Outcome(done[name]["code"], (root / f"{name}.err").read_text(), done[name]["seconds"],
-                                 before, _listing(d), digest, _digest(src))
+                                 before, _listing(d), digest, _digest(src), closed)
     return outcomes
 
 
@@ -289,7 +294,7 @@ def test_bad_input(matrix, case):
     assert o.code == case.code, f"exit {o.code}, expected {case.code}: {err}"
     assert len(lines) == 1 and lines[0].startswith("somaflow: error:"), err
     assert "Traceback" not in err and "internal error" not in err
-    assert case.says in lines[0], lines[0]
+    assert case.says.format(closed=o.closed) in lines[0], lines[0]
     # nothing written, nothing removed: a later run finds the folder as it was (the locked
     # result's in-flight output included), and the input is byte for byte the same
     assert o.after == o.before, set(o.after) ^ set(o.before)

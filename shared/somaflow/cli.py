@@ -374,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole pipeline on one session as a Prefect flow on a Dask cluster: ingest, "
                     "motion correction, summary images, source extraction, classification, traces and "
                     "spikes. Writes RESULT_URL (a zarr), its HTML report RESULT.report.html beside it, and "
-                    "keeps the intermediates in RESULT_URL.work so that a rerun resumes.",
+                    "keeps the intermediates in RESULT_URL.work so that a rerun resumes. While it runs, "
+                    "RESULT_URL.lease holds the result: a second run on the same --out stops at once (exit 3) "
+                    "and touches nothing; the lease of a run that crashed expires after 60 s "
+                    "(SOMAFLOW_LEASE_TTL, seconds). An --out that cannot be written is exit 3 before any "
+                    "cluster starts.",
         epilog="Two numbers matter most and only you know them: the frame rate (--fps; TIFFs rarely "
                "record it) and the soma radius in pixels (--neuron-radius: half the diameter of a typical "
                "cell body in the movie, e.g. 5 for somata 10-12 px across). Example, the Neurofinder "
