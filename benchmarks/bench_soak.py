@@ -17,13 +17,15 @@ one archive computing the same input at once must not collide).
    variable equal.
 
 Prints sessions run, faults injected (by kind), sessions completed, results lost
-(not complete at the end) and corrupted (complete but different from the
-fault-free result), and whether any process of a killed archive outlived it.
+(seen complete after some round, not complete at the end), corrupted (complete
+but different from the fault-free result), unfinished (never completed before
+the time budget ran out), and whether any process of a killed archive outlived it.
 
 Usage::
 
     python benchmarks/bench_soak.py [--sessions 24] [--movies 6] [--frames 60] [--seed 0]
-                                    [--budget 900] [--mean-gap 8] [--json out.json]
+                                    [--budget 900] [--mean-gap 10] [--archive-kills 3] [--method cnmf]
+                                    [--json out.json]
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class Soak:
         self.faults: dict[str, int] = {"worker-sigkill": 0, "s3-errors": 0, "archive-sigkill": 0}
         self.leaked: list[str] = []
         self.rounds = 0
+        #: sessions seen complete after some round: one that is not complete at the end was lost
+        self.seen_complete: set[str] = set()
+        #: archives whose log stood still for --stall seconds, killed and rerun (not counted as faults)
+        self.stalls = 0
 
     def archive(self, manifest: str, out: str, log: Path) -> subprocess.Popen:
         cmd = [str(BIN / "somaflow"), "archive", manifest, "--out", out, "--cluster", "local", "--workers", "2",
@@ -110,15 +116,18 @@ class Soak:
 
     def inject(self, proc: subprocess.Popen) -> bool:
         """One random fault; True when it killed the archive."""
-        kind = self.rng.choices(["worker-sigkill", "s3-errors", "archive-sigkill"],
-                                weights=[0.4, 0.45, 0.15])[0]
+        kinds, weights = ["worker-sigkill", "s3-errors"], [0.5, 0.5]
+        if self.faults["archive-sigkill"] < self.args.archive_kills and self.rounds > self.faults["archive-sigkill"]:
+            kinds.append("archive-sigkill")  # at most one per round, so that the reruns get somewhere
+            weights.append(0.25)
+        kind = self.rng.choices(kinds, weights=weights)[0]
         if kind == "worker-sigkill":
             workers = [p for p in _group(proc) if p.pid != proc.pid and "spawn_main" in " ".join(p.cmdline())]
-            if not workers:
+            if len(workers) < 2:  # leave the cluster one worker while the nanny restarts the other
                 return False
             os.kill(self.rng.choice(workers).pid, signal.SIGKILL)
         elif kind == "s3-errors":
-            self.proxy.inject(Fault(self.rng.choice(["503", "500", "reset", "slow"]), first=self.rng.randint(2, 12),
+            self.proxy.inject(Fault(self.rng.choice(["503", "500", "reset", "slow"]), first=self.rng.randint(2, 6),
                                     delay=1.0, seed=self.rng.randint(0, 10**6)))
         else:
             members = _group(proc)
@@ -137,8 +146,18 @@ class Soak:
             proc = self.archive(manifest, out, log)
             killed = False
             next_fault = time.time() + self.rng.expovariate(1 / self.args.mean_gap)
+            last_size, last_change = -1, time.time()
             while proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
+                size = log.stat().st_size
+                if size != last_size:
+                    last_size, last_change = size, time.time()
+                elif time.time() - last_change > self.args.stall:
+                    self.stalls += 1  # e.g. every worker gone and none restarted: the run waits forever
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    killed = True
+                    break
                 if time.time() >= next_fault and proc.poll() is None:
                     killed = self.inject(proc)
                     if killed:
@@ -149,6 +168,8 @@ class Soak:
                 proc.wait()
                 return
             self.proxy.clear()
+            stores.filesystem(out)[0].invalidate_cache()
+            self.seen_complete |= {s for s in sessions if schema.is_complete(f"{out}/{s}.zarr")}
             if killed:
                 time.sleep(float(self.env["SOMAFLOW_LEASE_TTL"]) + 1)  # the killed run's leases expire
             elif all(schema.is_complete(f"{out}/{s}.zarr") for s in sessions):
@@ -176,7 +197,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=900, help="seconds for the soak phase")
-    ap.add_argument("--mean-gap", type=float, default=8.0, help="mean seconds between faults")
+    ap.add_argument("--mean-gap", type=float, default=10.0, help="mean seconds between faults")
+    ap.add_argument("--archive-kills", type=int, default=3, help="SIGKILLs of the whole archive (one per round)")
+    ap.add_argument("--stall", type=float, default=150.0,
+                    help="seconds without a new log line after which an archive is taken as stalled, killed, rerun")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
     t_start = time.time()
@@ -218,12 +242,12 @@ def main() -> None:
         proxy.clear()
 
         fs.invalidate_cache()
-        completed, lost, corrupted = [], [], []
+        completed, lost, unfinished, corrupted = [], [], [], []
         refs = {m: schema.open_result(f"s3://{BUCKET}/ref/ref{m}.zarr").load() for m in range(args.movies)}
         for s, m in sessions:
             url = f"s3://{BUCKET}/soak/{s}.zarr"
             if not schema.is_complete(url):
-                lost.append(s)
+                (lost if s in soak.seen_complete else unfinished).append(s)
                 continue
             completed.append(s)
             if not _same(schema.open_result(url).load(), refs[m]):
@@ -233,19 +257,20 @@ def main() -> None:
             "sessions_run": len(sessions), "distinct_movies": args.movies, "frames": args.frames,
             "method": args.method, "faults_injected": sum(soak.faults.values()), "faults": soak.faults,
             "s3_requests_faulted": {k: v for k, v in proxy.counts().items() if k.startswith("fault_")},
-            "archive_rounds": soak.rounds, "sessions_completed": len(completed), "results_lost": len(lost),
+            "archive_rounds": soak.rounds, "stalled_archives_restarted": soak.stalls, "sessions_completed": len(completed), "results_lost": len(lost),
             "results_corrupted": len(corrupted), "lost": lost, "corrupted": corrupted,
+            "unfinished_when_the_budget_ran_out": unfinished,
             "inputs_changed": inputs_changed, "processes_outliving_a_killed_archive": soak.leaked,
             "seconds_reference": round(t_ref, 1), "seconds_soak": round(t_soak, 1),
             "seconds_total": round(time.time() - t_start, 1),
         }
         print(f"sessions run: {len(sessions)} ({args.movies} movies of {args.frames} frames, {args.method}); "
-              f"archive rounds: {soak.rounds}")
+              f"archive rounds: {soak.rounds} (stalled and restarted: {soak.stalls})")
         print(f"faults injected: {figures['faults_injected']} {soak.faults}; S3 requests faulted: "
               f"{figures['s3_requests_faulted']}")
-        print(f"sessions completed: {len(completed)}; results lost: {len(lost)}; corrupted vs fault-free: "
-              f"{len(corrupted)}; inputs changed: {len(inputs_changed)}; processes outliving a killed archive: "
-              f"{len(soak.leaked)}")
+        print(f"sessions completed: {len(completed)} (unfinished when the budget ran out: {len(unfinished)}); "
+              f"results lost: {len(lost)}; corrupted vs fault-free: {len(corrupted)}; inputs changed: "
+              f"{len(inputs_changed)}; processes outliving a killed archive: {len(soak.leaked)}")
         print(f"time: reference {t_ref:.0f} s, soak {t_soak:.0f} s, total {figures['seconds_total']:.0f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
@@ -253,7 +278,7 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         proxy.stop()
         moto.stop()
-    ok = not lost and not corrupted and not inputs_changed
+    ok = not lost and not corrupted and not inputs_changed and not unfinished
     sys.exit(0 if ok else 1)
 
 
