@@ -107,12 +107,20 @@ class Soak:
         self.seen_complete: set[str] = set()
         #: archives whose log stood still for --stall seconds, killed and rerun (not counted as faults)
         self.stalls = 0
+        self.current: subprocess.Popen | None = None
 
     def archive(self, manifest: str, out: str, log: Path) -> subprocess.Popen:
         cmd = [str(BIN / "somaflow"), "archive", manifest, "--out", out, "--cluster", "local", "--workers", "2",
                "--concurrency", str(self.args.concurrency), "--method", self.args.method]
-        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        self.current = subprocess.Popen(cmd, env=self.env, stdout=open(log, "a"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                 start_new_session=True)
+        return self.current
+
+    def stop(self) -> None:
+        """Kill the archive in flight, if any (its own process group: cluster included)."""
+        if self.current is not None and self.current.poll() is None:
+            os.killpg(self.current.pid, signal.SIGKILL)
+            self.current.wait()
 
     def inject(self, proc: subprocess.Popen) -> bool:
         """One random fault; True when it killed the archive."""
@@ -217,6 +225,8 @@ def main() -> None:
     server, api = _prefect_server(tmp / "prefect")
     env = {**os.environ, **creds, "SOMAFLOW_S3_ENDPOINT_URL": proxy.url, "PREFECT_API_URL": api,
            "PREFECT_HOME": str(tmp / "prefect"), "SOMAFLOW_LEASE_TTL": "10"}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still cleans up below
+    soak = Soak(args, proxy, env, tmp)
     try:
         fs, _ = stores.filesystem(f"s3://{BUCKET}")
         fs.mkdir(BUCKET)
@@ -226,7 +236,6 @@ def main() -> None:
             fs.put(str(d / "movie.tif"), f"{BUCKET}/raw/m{m}.tif")
         inputs_before = {m: fs.checksum(f"{BUCKET}/raw/m{m}.tif") for m in range(args.movies)}
         sessions = [(f"s{i:02d}", i % args.movies) for i in range(args.sessions)]
-        soak = Soak(args, proxy, env, tmp)
 
         t0 = time.time()
         ref = soak.archive(_manifest(tmp / "ref.yaml", [(f"ref{m}", m) for m in range(args.movies)]),
@@ -275,6 +284,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
     finally:
+        soak.stop()
         os.killpg(server.pid, signal.SIGTERM)
         proxy.stop()
         moto.stop()
