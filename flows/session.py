@@ -26,9 +26,16 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from somaflow import provenance, runtime
-from somaflow.io import schema, stores
+from somaflow.io import lease, schema, stores
 from somaflow.params import RunParams
-from somaflow.session import check_session, plan_session, stage_outputs, stages, start_session
+from somaflow.session import (
+    check_session,
+    end_failed_session,
+    plan_session,
+    stage_outputs,
+    stages,
+    start_session,
+)
 
 plan_stage = task(name="plan")(plan_session)
 ingest_stage = task(name="ingest")(stages.ingest)
@@ -97,7 +104,13 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     plog.info("[%s] Prefect flow run %s", name, run_id)
     out_url = stores.normalize_url(out_url)
     check_session(input_url, out_url)
-    outputs = stage_outputs(out_url)
+    with lease.held(out_url):  # one run at a time on a result (re-entrant: the CLI may hold it already)
+        return _leased_session(name, input_url, out_url, params, overwrite, plan, run_id)
+
+
+def _leased_session(name: str, input_url: str, out_url: str, params: RunParams, overwrite: bool,
+                    plan: provenance.RunPlan | None, run_id: Any) -> dict[str, Any]:
+    plog = runtime.progress_logger()
     if plan is None:
         plan = plan_stage(input_url, out_url, params, overwrite=overwrite)
     if plan.status == "done" and not overwrite:
@@ -106,6 +119,17 @@ def session_flow(input_url: str, out_url: str, params: RunParams, overwrite: boo
     if plan.status == "incomplete":
         plog.info("[%s] %s was never marked complete: resuming", name, out_url)
     start_session(input_url, out_url)
+    try:
+        return _run_stages(name, input_url, out_url, params, overwrite, plan, run_id)
+    except BaseException:
+        end_failed_session(out_url)  # a work store holding nothing reusable goes too
+        raise
+
+
+def _run_stages(name: str, input_url: str, out_url: str, params: RunParams, overwrite: bool,
+                plan: provenance.RunPlan, run_id: Any) -> dict[str, Any]:
+    plog = runtime.progress_logger()
+    outputs = stage_outputs(out_url)
     runner = stages.StageRunner(name, overwrite)
     hashes = plan.hashes
 

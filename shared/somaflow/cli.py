@@ -57,12 +57,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from somaflow.io.chunks import parse_memory
+    from somaflow.io.config import check_movie_values
     from somaflow.io.ingest import ingest
 
+    check_movie_values(args.fps)
+    from somaflow.io import guard, lease
+
     t0 = time.perf_counter()
-    url = ingest(args.input, args.out, fps=args.fps, modality=args.modality, dataset=args.dataset,
-                 axes=args.axes, memory_budget=parse_memory(args.memory_budget),
-                 overwrite=args.overwrite)
+    guard.check_output_apart(args.out, [args.input])
+    with lease.held(args.out):  # an unwritable --out, or one another ingest writes: exit 3 at once
+        url = ingest(args.input, args.out, fps=args.fps, modality=args.modality, dataset=args.dataset,
+                     axes=args.axes, memory_budget=parse_memory(args.memory_budget),
+                     overwrite=args.overwrite)
     from somaflow.io.schema import open_movie
 
     movie = open_movie(url)
@@ -74,15 +80,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from somaflow.io.config import check_movie_values
     from somaflow.runtime import check_cluster_option, configure_prefect_env
 
+    check_movie_values(args.fps, args.neuron_radius)
     configure_prefect_env(debug=args.debug)
     check_cluster_option(args.cluster, args.cluster_spec)
-    from somaflow import provenance
     from somaflow.io import stores
     from somaflow.io.config import load_params_file, merge_overrides
-    from somaflow.runtime import console_progress, dask_client
-    from somaflow.session import check_session, plan_session, session_params
+    from somaflow.session import check_session, session_params
 
     overrides = load_params_file(args.params) if args.params else {}
     overrides = _with_inference(overrides, args.inference)
@@ -93,6 +99,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                             dataset=args.dataset, axes=args.axes)
     out = stores.normalize_url(args.out)
     check_session(args.input, out, inputs=[args.params])
+    from somaflow.io import lease
+
+    # the lease, before any plan or cluster: an unwritable --out, or one another run is writing,
+    # is a one-line error at once (exit 3), and nothing at --out is touched
+    with lease.held(out):
+        return _run_leased(args, out, params)
+
+
+def _run_leased(args: argparse.Namespace, out: str, params: Any) -> int:
+    from somaflow import provenance
+    from somaflow.io import stores
+    from somaflow.runtime import console_progress, dask_client, start_prefect_server
+    from somaflow.session import plan_session
+
     plan = None
     if not args.overwrite:
         plan = plan_session(args.input, out, params)
@@ -109,6 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
     from somaflow_flows.session import session_flow  # the entry into the flow run (imports Prefect)
 
+    start_prefect_server()  # dies with this process, SIGKILL included
     t0 = time.perf_counter()
     with console_progress(), dask_client(args.cluster, args.workers, spec_file=args.cluster_spec) as client:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
@@ -158,8 +179,10 @@ def _human_bytes(n: float) -> str:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    from somaflow.io.config import check_movie_values
     from somaflow.runtime import check_cluster_option, configure_prefect_env
 
+    check_movie_values(args.fps, args.neuron_radius)
     configure_prefect_env(debug=args.debug)
     check_cluster_option(args.cluster, args.cluster_spec)
     if args.concurrency < 1:
@@ -171,7 +194,14 @@ def cmd_archive(args: argparse.Namespace) -> int:
     # a bad manifest, or results that would overwrite an input, fail here, before any server or cluster starts
     check_outputs_apart(read_manifest(args.manifest), stores.normalize_url(args.out),
                         (None if is_glob(args.manifest) else args.manifest, args.params))
+    from somaflow.io import lease
+
+    lease.check_writable(stores.normalize_url(args.out))  # exit 3 at once, before any server or cluster
     from somaflow_flows.archive import archive_flow  # the entry into the flow run (imports Prefect)
+
+    from somaflow.runtime import start_prefect_server
+
+    start_prefect_server()  # dies with this process, SIGKILL included
 
     with console_progress(bars=False):
         summary = archive_flow(
@@ -344,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole pipeline on one session as a Prefect flow on a Dask cluster: ingest, "
                     "motion correction, summary images, source extraction, classification, traces and "
                     "spikes. Writes RESULT_URL (a zarr), its HTML report RESULT.report.html beside it, and "
-                    "keeps the intermediates in RESULT_URL.work so that a rerun resumes.",
+                    "keeps the intermediates in RESULT_URL.work so that a rerun resumes. While it runs, "
+                    "RESULT_URL.lease holds the result: a second run on the same --out stops at once (exit 3) "
+                    "and touches nothing; the lease of a run that crashed expires after 60 s "
+                    "(SOMAFLOW_LEASE_TTL, seconds). An --out that cannot be written is exit 3 before any "
+                    "cluster starts.",
         epilog="Two numbers matter most and only you know them: the frame rate (--fps; TIFFs rarely "
                "record it) and the soma radius in pixels (--neuron-radius: half the diameter of a typical "
                "cell body in the movie, e.g. 5 for somata 10-12 px across). Example, the Neurofinder "
@@ -493,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line (a library's message may span several)."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``somaflow`` console script."""
     parser = build_parser()
@@ -506,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SomaflowError as exc:
         if args.debug:
             raise
-        print(f"somaflow: error: {exc}", file=sys.stderr)
+        print(f"somaflow: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("somaflow: interrupted", file=sys.stderr)
@@ -518,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if args.debug:
             raise
-        print(f"somaflow: internal error: {type(exc).__name__}: {exc} "
+        print(f"somaflow: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(rerun with --debug for the traceback and report it)", file=sys.stderr)
         return 70
 

@@ -36,6 +36,10 @@ class ResultExistsError(StoreError):
     """The output already exists and ``overwrite`` was not requested."""
 
 
+class ResultLockedError(StoreError):
+    """Another run holds the lease of the output (:mod:`somaflow.io.lease`)."""
+
+
 class IncompleteResultError(StoreError):
     """A result exists but was never marked ``complete``: it is unfinished."""
 

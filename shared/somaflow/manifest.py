@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from somaflow import provenance
 from somaflow.errors import InputError, ParameterError, SomaflowError
 from somaflow.io import guard, stores
-from somaflow.io.config import load_params_file, merge_overrides  # noqa: F401 - re-exported
+from somaflow.io.config import (  # noqa: F401 - merge_overrides re-exported
+    MAX_FPS,
+    MAX_NEURON_RADIUS,
+    check_movie_values,
+    load_params_file,
+    merge_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +59,10 @@ class SessionSpec(BaseModel):
     session: str = Field(pattern=_SESSION_ID.pattern, max_length=200,
                          description="session id; its result is PREFIX/SESSION.zarr")
     movie: str = Field(min_length=1, description="URL of the movie (any supported input)")
-    fps: float | None = Field(None, gt=0, description="frame rate (Hz); None: the file's own")
+    fps: float | None = Field(None, gt=0, le=MAX_FPS, allow_inf_nan=False,
+                              description="frame rate (Hz); None: the file's own")
     modality: str | None = Field(None, pattern="^(2p|1p)$")
-    neuron_radius: float | None = Field(None, gt=0)
+    neuron_radius: float | None = Field(None, gt=0, le=MAX_NEURON_RADIUS, allow_inf_nan=False)
     params: dict[str, Any] = Field(default_factory=dict, description="parameter overrides of this session")
 
 
@@ -210,8 +217,10 @@ def read_manifest(spec: str) -> list[SessionSpec]:
 def with_defaults(s: SessionSpec, fps: float | None, modality: str | None,
                   neuron_radius: float | None) -> SessionSpec:
     """``s`` with the command line's fps/modality/radius where its row gives none."""
-    return s.model_copy(update={"fps": s.fps or fps, "modality": s.modality or modality,
-                                "neuron_radius": s.neuron_radius or neuron_radius})
+    check_movie_values(fps, neuron_radius)
+    return s.model_copy(update={"fps": fps if s.fps is None else s.fps,
+                                "modality": modality if s.modality is None else s.modality,
+                                "neuron_radius": neuron_radius if s.neuron_radius is None else s.neuron_radius})
 
 
 

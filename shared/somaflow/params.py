@@ -43,7 +43,8 @@ from somaflow.errors import ParameterError
 from somaflow.extract import DETECTORS, METHODS
 from somaflow.extract.cnmf import CnmfParams
 from somaflow.extract.pca_ica import PcaIcaParams
-from somaflow.io.config import merge_overrides
+from somaflow.io.config import MAX_FPS, MAX_NEURON_RADIUS, check_movie_values, merge_overrides  # noqa: F401
+from somaflow.io.readers.base import MAX_FRAME_PIXELS
 from somaflow.preprocess.pipeline import PreprocessParams
 from somaflow.preprocess.summary import SummaryParams
 from somaflow.traces import TraceParams
@@ -56,9 +57,6 @@ MOVIE_KEYS = ("fps", "neuron_radius")
 #: calls one (detectors, classifier, LSTM seed cleansing); kept out of dumps and stage hashes,
 #: so a run started locally resumes against the inference service and back
 INFERENCE_KEY = "inference"
-#: highest frame rate (Hz) and neuron radius (px) accepted: beyond them an input is a mistake
-MAX_FPS = 10_000.0
-MAX_NEURON_RADIUS = 256.0
 
 Modality = Literal["2p", "1p"]
 Method = Literal[METHODS]  # type: ignore[valid-type]
@@ -72,6 +70,9 @@ class IngestParams(_Frozen):
     """How inputs are read and chunked."""
 
     memory_budget: int = Field(256 << 20, gt=0, description="bytes per frame chunk in flight")
+    max_frame_pixels: int = Field(MAX_FRAME_PIXELS, gt=0,
+                                  description="largest frame (y * x pixels) an input may declare; checked "
+                                              "before anything is read")
     dataset: str | None = Field(None, description="HDF5/zarr array path inside the input")
     axes: str = Field("tyx", description="axis order of the input, e.g. tyx or yxt")
 
@@ -204,6 +205,11 @@ class RunParams(MovieParams):
             movie["neuron_radius"] = DEFAULT_NEURON_RADIUS.get(str(movie["modality"]), 5.0)
         m = _validated(MovieParams, movie)
         fps, modality, r = m.fps, m.modality, m.neuron_radius
+        if 2 * r > min(shape[1:]):
+            raise ParameterError(
+                f"neuron_radius {r:g} px is too large for frames of {shape[1]}x{shape[2]} px: a cell that "
+                f"wide does not fit in the frame. Give the soma radius in pixels (--neuron-radius, half a "
+                "cell body's diameter).")
         method = over.get("extract", {}).get("method", METHODS[0])
         if method not in METHODS:
             raise ParameterError(f"bad parameter method: {method!r} is not one of "

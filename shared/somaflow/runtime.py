@@ -8,8 +8,11 @@ through these helpers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,6 +43,9 @@ PREFECT_DEFAULTS = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "somaflow,somaflow.progress",
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
+
+#: prctl option: the signal a child gets when its parent dies (linux/prctl.h)
+_PR_SET_PDEATHSIG = 1
 
 #: a log record with ``extra={CONSOLE_FLAG: False}`` goes to Prefect's run log but not to the
 #: console (the CLI prints it once, in its summary)
@@ -77,6 +83,60 @@ def configure_prefect_env(debug: bool = False) -> None:
         os.environ["PREFECT_HOME"] = str(home)
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive this process: Linux's
+    ``PR_SET_PDEATHSIG`` sends it SIGTERM when its parent dies, SIGKILL included."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_prefect_server() -> str | None:
+    """Start Prefect's ephemeral API server now, as a child that dies with this process.
+
+    Without ``PREFECT_API_URL`` a flow run starts Prefect's ephemeral server
+    (:class:`prefect.server.api.server.SubprocessASGIServer`), an uvicorn
+    process that outlives a SIGKILLed parent. This starts the same server first,
+    from the calling (main) thread, with ``PR_SET_PDEATHSIG`` set in it, and
+    registers it as the instance Prefect's own code asks for (as Prefect's
+    ``testing.utilities`` does). Call it right before a flow runs; a no-op with
+    ``PREFECT_API_URL`` set, off Linux, or once the server runs.
+
+    Returns
+    -------
+    str or None
+        The server's API URL, or None when none was started here.
+    """
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _ServerDyingWithParent(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            from prefect.settings import get_current_settings
+
+            # Prefect's own command (prefect.server.api.server.SubprocessASGIServer), plus the preexec_fn
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **server_env,
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                preexec_fn=_die_with_parent)
+
+    import prefect
+
+    existing = SubprocessASGIServer._instances.get(None)
+    if existing is not None and existing.running:
+        return None
+    SubprocessASGIServer._instances.pop(None, None)
+    server = _ServerDyingWithParent()
+    server.start()
+    return server.api_url
+
+
 def default_workers() -> int:
     """Worker processes for a local cluster: one per core this process may use
     (:data:`dask.system.CPU_COUNT`, which distributed uses: CPU affinity and cgroup quotas respected)."""
@@ -112,6 +172,9 @@ def _quiet_distributed() -> None:
         for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
                      "distributed.http.proxy", "distributed.worker", "distributed.deploy.adaptive"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # a task's exception reaches the caller, which prints its one line: the worker's own
+        # "Compute Failed" report with the task's traceback would be a second, longer one
+        logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
         nanny = logging.getLogger("distributed.nanny")
         if _not_shutdown_noise not in nanny.filters:
             nanny.addFilter(_not_shutdown_noise)
@@ -154,7 +217,8 @@ def dask_client(cluster: str = "local", workers: int | None = None,
         kw = {"memory_limit": memory_limit} if memory_limit else {}
         with LocalCluster(
             n_workers=n, threads_per_worker=1, processes=processes,
-            dashboard_address=":0", silence_logs=logging.ERROR, **kw,
+            dashboard_address=":0", silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+            **kw,
         ) as lc, Client(lc) as client:
             log.info("local Dask cluster with %d workers; dashboard %s", n, client.dashboard_link)
             yield client

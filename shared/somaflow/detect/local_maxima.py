@@ -213,7 +213,8 @@ def _image(images: xr.Dataset, name: str) -> np.ndarray:
         raise InputError(f"{name} must have dims ('y', 'x'), got {tuple(da_.dims)}; transpose it.")
     img = np.asarray(da_.values, dtype=np.float64)
     if not np.isfinite(img).all():
-        raise InputError(f"{name} holds NaN or infinite values; recompute the summary images.")
+        raise InputError(f"the summary image {name} holds NaN or infinite values: the movie has NaN/inf "
+                         "pixels or blank frames. Fix or drop the bad frames in the input and rerun.")
     return img
 
 

@@ -12,8 +12,9 @@ import xarray as xr
 from somaflow.errors import InputError, OutputConflictError, ResultExistsError, StoreError
 from somaflow.io import guard, stores
 from somaflow.io.chunks import plan_frame_chunks
-from somaflow.io.readers import check_finite_sample, detect_format, open_input
-from somaflow.io.schema import make_movie_dataset, open_movie, output_state, write_movie
+from somaflow.io.readers import check_finite_sample, open_input
+from somaflow.io.readers.base import MAX_FRAME_PIXELS
+from somaflow.io.schema import make_movie_dataset, output_state, write_movie
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,17 @@ def load_movie(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage_options: dict[str, Any] | None = None,
     with_checksum: bool = True,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
 ) -> xr.DataArray:
     """Open any supported input lazily as a checked (frame, y, x) movie.
 
     ``fps`` and ``modality`` given here win over what the file records. The
     returned array carries attrs ``fps``, ``modality``, ``source`` and
     ``source_checksum`` and is rechunked to frame-contiguous chunks planned from
-    ``memory_budget``.
+    ``memory_budget``. A zarr input is a somaflow movie, a bare array or an
+    array of a group (``dataset``), as :func:`~somaflow.io.readers.open_input`
+    reads it; declared frame sizes above ``max_frame_pixels`` or the memory
+    budget are refused before anything is read.
 
     Raises
     ------
@@ -50,15 +55,8 @@ def load_movie(
     url = stores.normalize_url(url)
     if not stores.exists(url, storage_options):
         raise StoreError(f"{url} does not exist. Check the path or URL.")
-    if detect_format(url) == "zarr":
-        try:
-            movie = open_movie(url, storage_options=storage_options)
-        except InputError:
-            movie = open_input(url, dataset=dataset, axes=axes, storage_options=storage_options)
-    else:
-        movie = open_input(
-            url, dataset=dataset, axes=axes, memory_budget=memory_budget, storage_options=storage_options
-        )
+    movie = open_input(url, dataset=dataset, axes=axes, memory_budget=memory_budget,
+                       storage_options=storage_options, max_frame_pixels=max_frame_pixels)
     attrs = dict(movie.attrs)
     fps = fps if fps is not None else attrs.get("fps")
     if fps is None:

@@ -15,6 +15,7 @@ from somaflow.session.extract import find_units, morphology_units
 from somaflow.session.layout import stage_outputs
 from somaflow.session.plan import (
     check_session,
+    end_failed_session,
     plan_session,
     resolve_movie_info,
     session_params,
@@ -25,6 +26,7 @@ from somaflow.session.stages import StageRunner
 __all__ = [
     "StageRunner",
     "check_session",
+    "end_failed_session",
     "find_units",
     "morphology_units",
     "plan_session",

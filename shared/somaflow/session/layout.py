@@ -12,6 +12,8 @@ For ``--out RESULT``:
 * ``RESULT.work/units.zarr`` and ``traces.zarr`` — extract: what
   :func:`somaflow.session.extract.find_units` returns;
 * ``RESULT.work/verdict.zarr`` — classify: the per-unit verdict;
+* ``RESULT.work/scratch`` — what a method keeps while it runs (CNMF's fit
+  movie), removed after it and when a run starts;
 * ``RESULT.report.html`` (``RESULT`` without ``.zarr``) — the HTML report
   (:mod:`somaflow.report`), written after the result, beside it (not inside:
   the result zarr keeps its schema).
@@ -36,3 +38,8 @@ def stage_outputs(out_url: str) -> dict[str, list[str]]:
         "write": [stores.normalize_url(out_url)],
         "report": [default_report_url(out_url)],
     }
+
+
+def scratch_url(out_url: str) -> str:
+    """The folder a method keeps its intermediates in while it runs (on the result's store)."""
+    return stores.join(provenance.work_url(out_url), "scratch")

@@ -23,6 +23,7 @@ import xarray as xr
 from somaflow import provenance, runtime
 from somaflow.assemble import assemble_result
 from somaflow.classify.cnet import classify_units
+from somaflow.errors import InputError
 from somaflow.io import schema, stores
 from somaflow.io.ingest import checked, load_movie
 from somaflow.params import RunParams
@@ -36,7 +37,7 @@ from somaflow.preprocess.pipeline import detection_movie
 from somaflow.preprocess.summary import summary_images
 from somaflow.report import write_report
 from somaflow.session.extract import find_units
-from somaflow.session.layout import stage_outputs
+from somaflow.session.layout import scratch_url, stage_outputs
 
 
 def _tagged(ds: xr.Dataset, stage_hash: str | None) -> xr.Dataset:
@@ -51,7 +52,7 @@ def ingest(input_url: str, out_url: str, fps: float, modality: str, p: RunParams
         return src
     fingerprint = provenance.source_fingerprint(src)
     movie = load_movie(src, fps=fps, modality=modality, dataset=p.ingest.dataset, axes=p.ingest.axes,
-                       memory_budget=p.ingest.memory_budget)
+                       memory_budget=p.ingest.memory_budget, max_frame_pixels=p.ingest.max_frame_pixels)
     a = movie.attrs
     stage_hash = provenance.stage_hashes(a["source_checksum"], p.model_dump(mode="json"))["ingest"]
     ds = schema.make_movie_dataset(checked(movie), fps=a["fps"], modality=a["modality"], source=a["source"],
@@ -105,6 +106,13 @@ def summary(corrected_url: str, p: RunParams, out_url: str | None = None,
     plain = xr.Dataset({"mean_image": corrected.mean("frame", dtype=np.float64).astype(np.float32),
                         "max_image": corrected.max("frame").astype(np.float32)})
     det, plain = dask.compute(det, plain)
+    bad = [str(n) for ds in (det, plain) for n, v in ds.data_vars.items()
+           if v.dtype.kind == "f" and not np.isfinite(v.values).all()]
+    if bad:  # never written (so never marked complete): a rerun after the fix recomputes them
+        raise InputError(
+            f"the summary images ({', '.join(bad)}) hold NaN or infinite values: the movie "
+            f"{corrected.attrs.get('source', corrected_url)} has NaN/inf pixels. Fix or drop the bad frames "
+            "in the input and rerun.")
     if out_url is not None:
         summary_url, images_url = stage_outputs(out_url)["summary"]
         schema.write_dataset(_tagged(det, stage_hash), summary_url, overwrite=True)
@@ -116,7 +124,7 @@ def extract(corrected_url: str, images: xr.Dataset, p: RunParams, out_url: str |
             stage_hash: str | None = None) -> tuple[xr.Dataset, xr.Dataset]:
     """Units (masks, footprints, scores) and their traces, ΔF/F and spikes; written
     to ``units.zarr`` and ``traces.zarr`` when ``out_url`` is given."""
-    scratch = stores.join(provenance.work_url(out_url), "scratch") if out_url is not None else None
+    scratch = scratch_url(out_url) if out_url is not None else None
     units, traces = find_units(schema.open_movie(corrected_url), images, p, scratch_url=scratch)
     if out_url is not None:
         units_url, traces_url = stage_outputs(out_url)["extract"]

@@ -143,7 +143,7 @@ def cnmf(
             else:
                 tasks.append(dask.delayed(fit_patch)(data[:, region[0], region[1]], *args))
     fits = list(dask.compute(*tasks)) if tasks else []
-    footprints, traces, keep = _global_merge(fits, params)
+    footprints, traces, keep = _global_merge(fits, params, ny * nx)
     rval = np.concatenate([f.spatial_corr for f in fits])[keep] if fits else np.zeros(0)
     origin = np.concatenate([f.origin for f in fits])[keep] if fits else np.zeros(0, int)
     fsnr = np.concatenate([f.snr for f in fits])[keep] if fits else np.zeros(0)
@@ -224,14 +224,14 @@ def _bandpass(b: np.ndarray, r: float) -> np.ndarray:
     return ndimage.gaussian_filter(b, (0, small, small)) - ndimage.gaussian_filter(b, (0, large, large))
 
 
-def _global_merge(fits: list[PatchFit], params: CnmfParams) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+def _global_merge(fits: list[PatchFit], params: CnmfParams,
+                  n_pix: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """Merge duplicate components across patches: overlapping footprints with correlated traces.
 
-    Returns the footprints, fit traces and the boolean keep mask over the
-    concatenated patch components.
+    Returns the footprints (unit, ``n_pix``), fit traces and the boolean keep
+    mask over the concatenated patch components (none: a (0, ``n_pix``) matrix).
     """
     if not fits or sum(f.footprints.shape[0] for f in fits) == 0:
-        n_pix = fits[0].footprints.shape[1] if fits else 0
         return sp.csr_matrix((0, n_pix), dtype=np.float32), np.zeros((0, 0), np.float32), np.zeros(0, bool)
     A = sp.vstack([f.footprints for f in fits]).tocsr()
     C = np.concatenate([f.traces for f in fits])

@@ -164,7 +164,7 @@ def _add_morphology(R: np.ndarray, morph: tuple[np.ndarray, np.ndarray, np.ndarr
     half = int(math.ceil(params.window_radii * r))
     have = [a.reshape(h, w) >= params.mask_fraction for a in A_cols]
     out: list[int] = []
-    for j in np.argsort(-masks.reshape(len(masks), -1).sum(axis=1), kind="stable"):
+    for j in np.argsort(-masks.reshape(len(masks), math.prod(masks.shape[1:])).sum(axis=1), kind="stable"):
         m = masks[j]
         area = int(m.sum())
         if area < 3:

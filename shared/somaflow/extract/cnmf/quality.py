@@ -132,12 +132,12 @@ def _contrast_exempt(masks: np.ndarray, accepted: np.ndarray, active: np.ndarray
     n = len(masks)
     out = np.zeros(n, bool)
     r = cp.neuron_radius
-    area = masks.reshape(n, -1).sum(axis=1)
+    area = masks.reshape(n, math.prod(masks.shape[1:])).sum(axis=1)
     cand = (active & ~accepted & (area >= cp.contrast_exempt_size * math.pi * r**2)
             & (width >= cp.contrast_exempt_size * 2 * r))
     if not cand.any():
         return out
-    flat = sp.csr_matrix(masks.reshape(n, -1), dtype=np.float32)
+    flat = sp.csr_matrix(masks.reshape(n, math.prod(masks.shape[1:])), dtype=np.float32)
     c = np.flatnonzero(cand)
     frac_c, frac_a = _overlap_fractions(flat[c], flat[np.flatnonzero(accepted)])
     out[c[(np.maximum(frac_c, frac_a) < cp.morph_covered_iou).all(axis=1)]] = True

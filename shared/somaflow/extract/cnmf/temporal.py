@@ -143,7 +143,7 @@ def neuropil_traces(movie: xr.DataArray, footprints: sp.csr_matrix, masks: np.nd
     """
 
     n = footprints.shape[0]
-    on_mask = sp.csr_matrix(masks.reshape(n, -1), dtype=np.float32)
+    on_mask = sp.csr_matrix(masks.reshape(n, math.prod(masks.shape[1:])), dtype=np.float32)
     weights = sp.csr_matrix(footprints.multiply(on_mask), dtype=np.float64)
     # a unit whose footprint is zero on its mask (a morphology unit's detector mask) is weighed uniformly
     empty = (np.diff(weights.indptr) == 0).astype(np.float64)

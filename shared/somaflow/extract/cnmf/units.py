@@ -116,7 +116,7 @@ def cnmf_units(
     masks = masks_from_footprints(A, (ny, nx), cp.mask_fraction)
     # components seeded from a morphology mask keep that (anatomical) mask unless
     # the fit found an active cell there (the detector's masks are often too small)
-    area = masks.reshape(len(masks), -1).sum(axis=1)
+    area = masks.reshape(len(masks), math.prod(masks.shape[1:])).sum(axis=1)
     r2 = math.pi * cp.neuron_radius**2
     size_ok = (area >= cp.min_area_fraction * r2) & (area <= cp.max_area_fraction * r2)
     is_m = fit.origin >= 0
@@ -137,8 +137,8 @@ def cnmf_units(
         seeded[origin[origin >= 0]] = True
         # sparse mask rows: a dense (unit, pixel) product of a 512x512 field costs seconds
         mine = sp.diags((contrast >= cp.min_contrast).astype(np.float32)) @ sp.csr_matrix(
-            masks.reshape(len(masks), -1), dtype=np.float32)
-        cand = sp.csr_matrix(lm_masks.reshape(len(lm_masks), -1), dtype=np.float32)
+            masks.reshape(len(masks), math.prod(masks.shape[1:])), dtype=np.float32)
+        cand = sp.csr_matrix(lm_masks.reshape(len(lm_masks), math.prod(lm_masks.shape[1:])), dtype=np.float32)
         frac_m, frac_c = _overlap_fractions(cand, mine)
         if priority == "morphology" and frac_m.size:
             # a CNMF unit overlapping a morphology unit is that cell: keep the morphology mask

@@ -134,7 +134,7 @@ def _drop_duplicates(masks: np.ndarray, score: np.ndarray, max_overlap: float) -
     n = len(masks)
     if n == 0:
         return np.zeros(0, np.int64)
-    flat = masks.reshape(n, -1).astype(np.float32)
+    flat = masks.reshape(n, math.prod(masks.shape[1:])).astype(np.float32)
     inter = flat @ flat.T
     area = flat.sum(axis=1)
     overlap = inter / np.maximum(np.minimum(area[:, None], area[None, :]), 1.0)

@@ -13,6 +13,7 @@ import xarray as xr
 from somaflow.errors import InputError, ParameterError
 from somaflow.io import stores
 from somaflow.io.readers.base import (
+    MAX_FRAME_PIXELS,
     _assemble,
     _check_dtype,
     _check_nonempty,
@@ -21,6 +22,7 @@ from somaflow.io.readers.base import (
     _name,
     _parse_axes,
     _plan_axes,
+    check_declared_size,
 )
 from somaflow.io.readers.formats import detect_format
 from somaflow.io.readers.hdf5 import _open_hdf5
@@ -43,6 +45,7 @@ def open_input(
     storage_options: dict[str, Any] | None = None,
     plane: int | None = None,
     channel: int | None = None,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
 ) -> xr.DataArray:
     """Open a supported input lazily as a (frame, y, x) movie.
 
@@ -71,6 +74,9 @@ def open_input(
     plane, channel : int, optional
         Which z plane / channel to read when the ``z`` / ``c`` axis has more than
         one entry (singleton axes are dropped without them).
+    max_frame_pixels : int
+        Largest frame (y * x) accepted; with ``memory_budget`` checked on the
+        declared shape before anything is read (:func:`~.base.check_declared_size`).
 
     Returns
     -------
@@ -89,7 +95,8 @@ def open_input(
     InputError
         Unsupported format, a single 2-D image, fewer than 2 frames, an empty,
         truncated or corrupt file, non-numeric pixels, several candidate arrays
-        without ``dataset``, or extra non-singleton axes without a selection.
+        without ``dataset``, extra non-singleton axes without a selection, or a
+        declared frame size above the limits.
     ParameterError
         Malformed ``axes``, ``frames_per_chunk``, ``plane``/``channel``, or a
         ``dataset`` given for a format that has none.
@@ -114,7 +121,7 @@ def open_input(
     hint = ""
     if fmt == "zarr":
         return _open_zarr_input(
-            url, so, dataset, axes, frames_per_chunk, memory_budget, plane, channel
+            url, so, dataset, axes, frames_per_chunk, memory_budget, plane, channel, max_frame_pixels
         )
     if fmt == "tiff":
         src, attrs, hint = _open_tiff(url, so, info)
@@ -136,6 +143,7 @@ def open_input(
         version = (bin_info.get("size"), bin_info.get("mtime"))
     _check_dtype(src.dtype, url)
     plan = _plan_axes(src.shape, axes, url, plane=plane, channel=channel, hint=hint)
+    check_declared_size(plan.out_shape, url, memory_budget=memory_budget, max_frame_pixels=max_frame_pixels)
     n = _frame_chunks(plan.out_shape, src.dtype.itemsize, frames_per_chunk, memory_budget)
     attrs = {"source": url, **attrs, "format": fmt}
     if plane is not None or channel is not None:

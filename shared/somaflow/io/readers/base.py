@@ -213,6 +213,51 @@ def _plan_axes(
     return _AxesPlan(axes, tuple(index), order, out_shape)  # type: ignore[arg-type]
 
 
+#: largest frame an input may declare unless the caller allows more (8192 x 8192 pixels)
+MAX_FRAME_PIXELS = 1 << 26
+
+
+def check_declared_size(shape: tuple[int, int, int], url: str, *, memory_budget: int,
+                        max_frame_pixels: int = MAX_FRAME_PIXELS) -> None:
+    """Refuse a movie whose declared frame size no stage could hold, before a byte of it is read.
+
+    A file's header may declare any shape (a 4 KB HDF5 can declare frames of
+    100000 x 100000 pixels); reading a single frame of it would exhaust the
+    machine. Checked on metadata only.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (frame, y, x) as the input declares it.
+    url : str
+        The input, for the message.
+    memory_budget : int
+        Bytes one task may use (``ingest.memory_budget``); one frame as float32
+        (the stages' working type) must fit in it.
+    max_frame_pixels : int
+        Largest y * x accepted (``ingest.max_frame_pixels``).
+
+    Raises
+    ------
+    InputError
+        The frame exceeds either limit.
+    """
+    ny, nx = int(shape[1]), int(shape[2])
+    pixels = ny * nx
+    if pixels > max_frame_pixels:
+        raise InputError(
+            f"{url} declares frames of {ny}x{nx} pixels ({pixels:,}), above the limit of {max_frame_pixels:,} "
+            "(ingest.max_frame_pixels). The file's header is corrupt, or crop the movie; for a genuine "
+            "recording this large, raise ingest.max_frame_pixels in a --params file."
+        )
+    if pixels * 4 > memory_budget:
+        raise InputError(
+            f"{url} declares frames of {ny}x{nx} pixels: one frame as float32 ({pixels * 4:,} bytes) exceeds "
+            f"the memory budget of {memory_budget:,} bytes per task (ingest.memory_budget). Raise "
+            "ingest.memory_budget in a --params file, or crop the movie."
+        )
+
+
 def _check_dtype(dtype: np.dtype, url: str) -> None:
     if np.dtype(dtype).kind not in "iuf":
         raise InputError(

@@ -241,6 +241,33 @@ _TIFF_AXIS_LETTERS = {
 }
 
 
+def _series_as_frames(url: str, tif: Any) -> tuple[int, int, int]:
+    """The (frame, y, x) shape of a TIFF whose several series (e.g. a file written in appends)
+    are all plain frames of one size and dtype, read page by page as one movie.
+
+    Raises
+    ------
+    InputError
+        The series differ in frame size or dtype, or are not plain 2-D pages: naming them.
+    """
+    kinds = [(tuple(s.keyframe.shape), np.dtype(s.dtype), len(s.pages), tuple(s.shape)) for s in tif.series]
+    frame, dtype = kinds[0][0], kinds[0][1]
+    plain = all(len(k[0]) == 2 and math.prod(k[3]) == k[2] * math.prod(k[0]) for k in kinds)
+    if plain and all(k[0] == frame and k[1] == dtype for k in kinds):
+        n = sum(k[2] for k in kinds)
+        if n == len(tif.pages):
+            log.info("%s holds %d image series of %s %s frames; reading all %d pages as one movie",
+                     url, len(kinds), frame, dtype, n)
+            return (n, *frame)
+    shown = "; ".join(f"series {i}: {k[3]} {k[1]}" for i, k in enumerate(kinds[:4]))
+    more = f" and {len(kinds) - 4} more" if len(kinds) > 4 else ""
+    raise InputError(
+        f"{url} holds {len(kinds)} image series whose pages differ in size, dtype or layout ({shown}{more}); "
+        "somaflow reads one movie of equal frames per file. Export the recording as one stack of "
+        "equal frames (or each series to its own file)."
+    )
+
+
 def _open_tiff(
     url: str, so: dict[str, Any] | None, info: dict[str, Any]
 ) -> tuple[_TiffSource, dict[str, Any], str]:
@@ -258,9 +285,9 @@ def _open_tiff(
             compressed = int(series.keyframe.compression) != 1
             if compressed and series.dataoffset is None and len(series.pages):
                 series.pages[-1].asarray()  # decode one page: catches a damaged stream early
-            if len(tif.series) > 1:
-                log.info("%s holds %d image series; reading the first", url, len(tif.series))
             shape, dtype, file_axes = tuple(series.shape), series.dtype, series.axes
+            if len(tif.series) > 1:
+                shape, file_axes = _series_as_frames(url, tif), "TYX"
             page_frames = (
                 len(shape) == 3
                 and len(tif.pages) == shape[0]

@@ -20,6 +20,7 @@ from somaflow.io.readers.base import (
     _is_local,
     _name,
     _plan_axes,
+    check_declared_size,
 )
 from somaflow.io.readers.hdf5 import _describe
 from somaflow.io.schema import open_movie
@@ -95,6 +96,7 @@ def _open_zarr_input(
     memory_budget: int,
     plane: int | None,
     channel: int | None,
+    max_frame_pixels: int,
 ) -> xr.DataArray:
 
     node = _open_zarr_node(url, so)
@@ -105,6 +107,8 @@ def _open_zarr_input(
             )
         movie = open_movie(url, storage_options=so)
         _check_dtype(movie.dtype, url)
+        check_declared_size(tuple(movie.shape), url, memory_budget=memory_budget,
+                            max_frame_pixels=max_frame_pixels)
         stored = movie.chunks[0][0] if movie.chunks else movie.sizes["frame"]
         n = _frame_chunks(tuple(movie.shape), movie.dtype.itemsize, frames_per_chunk, memory_budget)
         if frames_per_chunk is None and stored <= n:
@@ -120,6 +124,7 @@ def _open_zarr_input(
     arr, zattrs = _zarr_array(url, node, dataset)
     _check_dtype(arr.dtype, url)
     plan = _plan_axes(tuple(arr.shape), axes, url, plane=plane, channel=channel)
+    check_declared_size(plan.out_shape, url, memory_budget=memory_budget, max_frame_pixels=max_frame_pixels)
     n = _frame_chunks(plan.out_shape, arr.dtype.itemsize, frames_per_chunk, memory_budget)
     stored = arr.chunks[axes.index("t")]
     if frames_per_chunk is None and stored <= n:

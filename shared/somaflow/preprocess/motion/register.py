@@ -383,7 +383,8 @@ def _template_array(template: xr.DataArray | np.ndarray, shape: tuple[int, int])
             "from this movie with compute_template."
         )
     if not np.all(np.isfinite(arr)):
-        raise InputError("template holds NaN or inf; compute it with compute_template.")
+        raise InputError("the motion-correction template holds NaN or infinite values: the movie has "
+                         "NaN/inf pixels. Fix or drop the bad frames in the input and rerun.")
     return arr
 
 

@@ -1,0 +1,208 @@
+"""Issue 28: the result's lease, what a SIGKILL leaves behind, sessions that share one Dask
+client, blank movies and failed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from somaflow.errors import InputError, ResultLockedError, StoreError
+from somaflow.io import lease, schema, stores
+from somaflow.params import RunParams
+from somaflow.preprocess.pipeline import detection_movie
+from somaflow.preprocess.summary import summary_images
+from somaflow.session import end_failed_session, find_units, session_params, stages, start_session
+from somaflow.session.layout import scratch_url, stage_outputs
+
+# ----------------------------------------------------------------------------- the lease
+
+
+@pytest.fixture(params=["local", "s3"])
+def out_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "r.zarr")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/results/r.zarr"
+
+
+def _other_process_takes(url: str, ttl: float = 30) -> subprocess.CompletedProcess:
+    code = ("import sys; from somaflow.io import lease\n"
+            "try:\n    lease.acquire(sys.argv[1], ttl=float(sys.argv[2]))\n"
+            "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
+            "import os; os._exit(0)  # dies holding it, as a SIGKILLed run does\n")
+    return subprocess.run([sys.executable, "-c", code, url, str(ttl)], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120)
+
+
+def test_lease_refuses_a_second_owner_and_expires(out_url):
+    assert _other_process_takes(out_url, ttl=60).returncode == 0
+    fs, path = stores.filesystem(lease.lease_url(out_url))
+    record = json.loads(fs.cat_file(path))
+    assert {"host", "pid", "token"} <= set(record["owner"]) and record["expires"] > time.time()
+    with pytest.raises(ResultLockedError, match="another run"):
+        lease.acquire(out_url)
+    second = _other_process_takes(out_url)
+    assert second.returncode == 3 and "ResultLockedError" in second.stdout
+    # a holder that died without releasing: its lease expires and the next run takes it over
+    crashed = out_url.replace("r.zarr", "c.zarr")
+    assert _other_process_takes(crashed, ttl=1).returncode == 0
+    time.sleep(1.5)
+    with lease.held(crashed, ttl=30) as mine:
+        again = lease.acquire(crashed)  # re-entrant in one process
+        assert again is mine
+        lease.release(again)
+        assert _other_process_takes(crashed).returncode == 3
+    fs.invalidate_cache()
+    assert not fs.exists(stores.filesystem(lease.lease_url(crashed))[1])  # released by the outermost holder
+
+
+def test_lease_is_renewed_while_held(tmp_path):
+    url = str(tmp_path / "r.zarr")
+    with lease.held(url, ttl=1.2):
+        time.sleep(2.5)  # past two lifetimes: still ours because it was renewed
+        assert _other_process_takes(url).returncode == 3
+
+
+def test_lease_on_an_unwritable_location_is_a_store_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad in ("/proc/somaflow-x.zarr", str(tmp_path / "file" / "r.zarr")):
+        with pytest.raises(StoreError, match="cannot write"):
+            lease.acquire(bad)
+    with pytest.raises(StoreError):
+        lease.check_writable("/sys/somaflow-x")
+
+
+# ----------------------------------------------------------------------------- SIGKILL leaves nothing running
+
+
+def test_prefect_server_dies_with_its_parent(tmp_path):
+    """Item 9: the ephemeral Prefect server started for a run does not outlive a SIGKILLed run."""
+    code = ("import os, sys, time\nfrom somaflow.runtime import configure_prefect_env, start_prefect_server\n"
+            "configure_prefect_env()\nfrom prefect.server.api.server import SubprocessASGIServer\n"
+            "start_prefect_server()\nprint(SubprocessASGIServer._instances[None].server_process.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "SOMAFLOW_HOME": str(tmp_path)})
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        server = int(proc.stdout.readline())
+        os.kill(server, 0)  # running
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{server}/stat") as fh:  # a zombie waiting for init counts as gone
+            if fh.read().split()[2] == "Z":
+                return
+        time.sleep(0.5)
+    os.kill(server, signal.SIGKILL)
+    pytest.fail("the Prefect server outlived its parent")
+
+
+def test_a_new_run_removes_scratch_and_partial_outputs(tmp_path):
+    out = str(tmp_path / "r.zarr")
+    work = tmp_path / "r.zarr.work"
+    (work / ".movie.zarr.partial-00000000").mkdir(parents=True)
+    os.makedirs(scratch_url(out) + "/fit_movie.zarr")
+    (work / "somaflow-run.json").write_text("{}")
+    start_session(str(tmp_path / "in.tif"), out)
+    assert sorted(os.listdir(work)) == ["somaflow-run.json"]
+    # a failure before any stage output: nothing left for a later run to mistake
+    assert end_failed_session(out) and not work.exists()
+    # ... but a work store with a finished stage is kept for the rerun to resume
+    start_session(str(tmp_path / "in.tif"), out)
+    (work / "movie.zarr").mkdir()
+    assert not end_failed_session(out) and work.exists()
+
+
+# ----------------------------------------------------------------------------- sessions sharing one client
+
+
+def test_a_write_does_not_switch_other_threads_off_the_cluster(tmp_path, small_result):
+    """The known bug: write_result set dask's process-wide scheduler to threads; a session
+    computing meanwhile on the archive's distributed client ran on the local scheduler and
+    failed with 'Missing dependency'. Every scheduler choice is now per call."""
+    from distributed import Client, LocalCluster, get_worker
+
+    ds = schema.open_result(small_result).load()
+
+    def on_worker(block: np.ndarray) -> np.ndarray:
+        try:
+            get_worker()
+            return np.ones_like(block)
+        except ValueError:
+            return np.zeros_like(block)
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as lc, Client(lc):
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                schema.write_result(ds, str(tmp_path / f"w{i}.zarr"))
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            fractions = [float(da.ones((64,), chunks=4).map_blocks(on_worker).mean().compute()) for _ in range(30)]
+        finally:
+            stop.set()
+            t.join()
+    assert min(fractions) == 1.0, fractions
+
+
+# ----------------------------------------------------------------------------- blank movies, NaN summaries
+
+
+@pytest.mark.parametrize("method", ["cnmf", "local-maxima", "pca-ica"])
+def test_blank_movie_gives_an_empty_result(tmp_path, method):
+    """Item 3: a movie where nothing is found extracts zero units, not a crash."""
+    rng = np.random.default_rng(1)
+    movie = xr.DataArray(rng.normal(100, 5, (60, 40, 40)).astype(np.float32), dims=("frame", "y", "x"),
+                         attrs={"fps": 10.0})
+    p = RunParams.for_movie(10.0, "2p", 5.0, {"method": method}, shape=movie.shape)
+    with dask.config.set(scheduler="synchronous"):
+        det = summary_images(detection_movie(movie.chunk({"frame": 20}), p.preprocess), p.summary).compute()
+        units, traces = find_units(movie.chunk({"frame": 20}), det, p)
+    assert units.sizes["unit"] == 0 and traces["traces"].shape == (0, 60)
+
+
+def test_summary_with_nan_is_refused_and_not_written(tmp_path):
+    """Item 11: summary images holding NaN are an input error naming the movie, never a complete store."""
+    rng = np.random.default_rng(2)
+    m = rng.integers(0, 1000, (40, 32, 32)).astype(np.float32)
+    m[5] = np.nan
+    url = str(tmp_path / "corrected.zarr")
+    ds = schema.make_movie_dataset(xr.DataArray(m, dims=("frame", "y", "x")).chunk({"frame": 10}), fps=10.0,
+                                   modality="2p", source="in.tif", source_checksum="x")
+    schema.write_movie(ds, url)
+    p = RunParams.for_movie(10.0, "2p", 5.0, shape=m.shape)
+    out = str(tmp_path / "r.zarr")
+    with dask.config.set(scheduler="synchronous"), pytest.raises(InputError, match="in.tif has NaN"):
+        stages.summary(url, p, out_url=out)
+    assert not any(stores.exists(u) for u in stage_outputs(out)["summary"])
+
+
+def test_three_frames_fail_before_any_stage(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "three.tif", np.arange(3 * 32 * 32, dtype=np.uint16).reshape(3, 32, 32))
+    with pytest.raises(InputError, match="needs at least 16 frames"):
+        session_params(str(tmp_path / "three.tif"), fps=10)
