@@ -36,7 +36,8 @@ def load_movie(
 
     ``fps`` and ``modality`` given here win over what the file records. The
     returned array carries attrs ``fps``, ``modality``, ``source`` and
-    ``source_checksum`` and is rechunked to frame-contiguous chunks planned from
+    ``source_checksum`` (:func:`somaflow.io.stores.checksum`: from the store's
+    listing, no data read on the client) and is rechunked to frame-contiguous chunks planned from
     ``memory_budget``.
 
     Raises
@@ -114,8 +115,9 @@ def ingest(
     """Convert ``url`` into a movie-schema zarr at ``out_url``.
 
     The input is never modified: an output that is, holds or lies inside the
-    input is refused, with or without ``overwrite``. The output appears only
-    when it is complete (written under a temporary name, then moved); NaNs
+    input is refused, with or without ``overwrite``. The output counts only
+    once it is complete (``stores.atomic_output``: renamed into place on a
+    local disk, committed by its ``complete`` marker on object stores); NaNs
     anywhere abort the write and leave nothing behind.
 
     Returns

@@ -54,7 +54,8 @@ S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 30.0
 
 #: file-listing fields that change with a file's content, by fsspec backend (strongest first)
-_IDENTITY_FIELDS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "created", "ino")
+#: (not a local file's ``created``, its ctime: a rename of the folder holding it changes that)
+_IDENTITY_FIELDS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "ino")
 
 
 def protocol_of(url: str) -> str:
@@ -252,7 +253,7 @@ def basename(url: str) -> str:
 
 
 def checksum(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Identity of a file or a directory tree from what the store knows, as ``"store:<hex>"``.
+    """Identity of a file or a directory tree from what the store knows, as ``"blake2b:<hex>"``.
 
     No data is read: the digest covers each file's relative name, size and the
     strongest content identity the backend lists — the ETag (S3; the MD5 of the
@@ -285,7 +286,7 @@ def checksum(url: str, storage_options: dict[str, Any] | None = None) -> str:
         if is_transient(exc):
             raise unavailable(url, exc) from exc
         raise StoreError(f"cannot list {url!r}: {exc}. Check the path and permissions.") from exc
-    return "store:" + hashlib.blake2b(_identity_rows(listing, path).encode(), digest_size=16).hexdigest()
+    return "blake2b:" + hashlib.blake2b(_identity_rows(listing, path).encode(), digest_size=16).hexdigest()
 
 
 def _identity_rows(listing: list[dict[str, Any]], root: str) -> str:
