@@ -266,7 +266,9 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         # each task gets the dask slice of its frames, never the whole movie (dask would compute a whole
         # collection handed to delayed into every task)
         data = movie.data  # dask or numpy: a slice of either is only the batch
-        tasks = [dask.delayed(_batch_task)(method, weights, data[s:e], stats, p, per_batch) for s, e in starts]
+        # the (y, x) statistics once, as one key every batch task depends on (not a copy per task)
+        shared = dask.delayed(stats, pure=True)
+        tasks = [dask.delayed(_batch_task)(method, weights, data[s:e], shared, p, per_batch) for s, e in starts]
         res = _reduce_batches(tasks, np.maximum if method == "stneuronet" else np.add)
         log.info("%s: %d batches of %d frames", method, res.count, p.input.batch_frames)
         if method == "stneuronet":
