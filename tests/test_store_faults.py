@@ -20,8 +20,8 @@ from somaflow.errors import StoreUnavailableError
 from somaflow.io import schema, stores
 from somaflow.testing.s3proxy import Fault, S3FaultProxy
 
-#: what a run needs to be fast here: the local-maxima method, two workers
-_RUN = ("--method", "local-maxima", "--workers", "2")
+#: what keeps a run fast here: the local-maxima method on two threads (no worker processes to start)
+_RUN = ("--method", "local-maxima", "--cluster", "threads", "--workers", "2")
 #: retry settings of these runs: few botocore attempts and short stage delays keep the "down" case short
 _RETRY_ENV = {"SOMAFLOW_S3_MAX_ATTEMPTS": "3", "SOMAFLOW_STAGE_RETRY_DELAY": "1"}
 #: how long a run against a store that is gone may take to give up, with _RETRY_ENV (s)
