@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
 from somaflow import provenance, runtime
 from somaflow.io import lease, schema, stores
@@ -37,14 +38,27 @@ from somaflow.session import (
     start_session,
 )
 
-plan_stage = task(name="plan")(plan_session)
-ingest_stage = task(name="ingest")(stages.ingest)
-motion_stage = task(name="motion-correction")(stages.motion)
-summary_stage = task(name="summary-images")(stages.summary)
-extract_stage = task(name="extract")(stages.extract)
-classify_stage = task(name="classify")(stages.classify)
-write_stage = task(name="write-result")(stages.write)
-report_stage = task(name="report")(stages.report)
+
+def stage_task(name: str) -> Any:
+    """A Prefect task decorator for a stage: retried with exponential backoff (and jitter) when it
+    failed on a store that did not answer (:func:`somaflow.session.stages.retry_transient`), never
+    for an input or parameter error. The count and first delay come from ``SOMAFLOW_STAGE_RETRIES``
+    and ``SOMAFLOW_STAGE_RETRY_DELAY`` (s) when the flow module is imported."""
+    retries = stages.stage_retries()
+    delay = stages.stage_retry_delay()
+    return task(name=name, retries=retries,
+                retry_delay_seconds=exponential_backoff(backoff_factor=delay) if retries and delay else 0,
+                retry_jitter_factor=0.5 if delay else None, retry_condition_fn=stages.retry_transient)
+
+
+plan_stage = stage_task("plan")(plan_session)
+ingest_stage = stage_task("ingest")(stages.ingest)
+motion_stage = stage_task("motion-correction")(stages.motion)
+summary_stage = stage_task("summary-images")(stages.summary)
+extract_stage = stage_task("extract")(stages.extract)
+classify_stage = stage_task("classify")(stages.classify)
+write_stage = stage_task("write-result")(stages.write)
+report_stage = stage_task("report")(stages.report)
 
 
 def _artifact_key(name: str) -> str:
@@ -130,7 +144,7 @@ def _run_stages(name: str, input_url: str, out_url: str, params: RunParams, over
                 plan: provenance.RunPlan, run_id: Any) -> dict[str, Any]:
     plog = runtime.progress_logger()
     outputs = stage_outputs(out_url)
-    runner = stages.StageRunner(name, overwrite)
+    runner = stages.StageRunner(name, overwrite, store=out_url)
     hashes = plan.hashes
 
     if provenance.is_movie_zarr(input_url):

@@ -182,7 +182,7 @@ def test_stneuronet_batches_are_post_processed_on_the_workers_and_fused_in_order
     assert cnn["views"] == 4 and cnn["rescue_threshold"] == 0.6
     post = p.postprocess.model_copy(update={"threshold": thr})
     stats = pixel_statistics(movie, max_frames=p.input.stats_frames)
-    probs = [_batch_task("stneuronet", "default", movie, a, b, stats, p, None).prob for a, b in plan]
+    probs = [_batch_task("stneuronet", "default", movie.data[a:b], stats, p, None).prob for a, b in plan]
     expected = fuse_batches([probability_to_masks(q, post) for q in probs], post)
     assert units.sizes["unit"] == len(expected) > 5
     def keys(m):  # units are ordered by score: compare the sets of masks
@@ -407,3 +407,28 @@ def test_classifier_and_lstm_loops_learn_a_separable_problem():
     hist = train_lstm(build_model("lstm", hidden=8), windows, labels, p.model_copy(update={"epochs": 6, "lr": 1e-2}))
     assert hist.loss[-1] < hist.loss[0]
     assert hist.n_val == 12
+
+
+def test_movie_detector_batch_tasks_receive_only_their_frames(monkeypatch):
+    # dask computes a whole collection handed to delayed: each batch task must get the slice of its
+    # frames (a dask slice depends only on the chunks holding them), never the 100-frame movie
+    import somaflow.detect.cnn as cnn
+    from somaflow.nn.inputs import batch_plan
+    from somaflow.simulate import simulate
+    from somaflow.training.detector_sets import sim_movie
+
+    sim = simulate("2p-small", seed=8, n_frames=100, motion="none")
+    movie = sim_movie(sim).chunk({"frame": 25})
+    p = cnn.CnnParams.for_movie(10.0, "2p", 5.0)
+    p = p.model_copy(update={"input": p.input.model_copy(update={"batch_frames": 10}), "ood_check": False})
+    seen: list[int] = []
+    real = cnn._batch_task
+
+    def spy(model, weights, frames, *args):
+        seen.append(np.asarray(frames).shape[0])
+        return real(model, weights, frames, *args)
+
+    monkeypatch.setattr(cnn, "_batch_task", spy)
+    cnn.detect_cnn(movie, _images(sim), "stneuronet", p, 5.0)
+    assert sorted(seen) == sorted(b - a for a, b in batch_plan(100, p.input))
+    assert max(seen) < 100

@@ -246,3 +246,36 @@ def test_changed_parameters(session, reference, tmp_path, prefect_api):
     np.testing.assert_array_equal(new["masks"].values, ref["masks"].values)
     assert not np.allclose(new["dff"].values, ref["dff"].values)
     assert json.loads(new.attrs["params"])["traces"]["baseline_percentile"] == 30
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_on_s3(session, reference, s3_bucket, s3_server, prefect_api):
+    """The kill-and-resume run with input, work store and result on S3 (loopback moto): stage
+    outputs written in place are taken only once complete; the rerun skips them and ends with the
+    local run's result."""
+    from somaflow.io import stores
+
+    fs, _ = stores.filesystem(s3_bucket)
+    fs.put(str(session / "movie.tif"), f"{s3_bucket}/raw/movie.tif")
+    out = f"{s3_bucket}/results/r.zarr"
+    env = {**prefect_api, **s3_server}
+    args = ["run", f"{s3_bucket}/raw/movie.tif", "--out", out, "--fps", "10", "--cluster", "local",
+            "--workers", "2", "--json"]
+    proc, seen = _run_until(args, env, "motion: done")
+    try:
+        assert any("motion: done" in s for s in seen), "\n".join(seen)
+    finally:
+        kill_group(proc)
+    work = out + ".work"
+    assert schema.is_complete(f"{work}/corrected.zarr") and schema.is_complete(f"{work}/motion.zarr")
+    assert not schema.is_complete(out)
+    summary = json.loads(run_cli(*args, env=env).stdout)
+    assert summary["status"] == "done"
+    assert summary["stages"]["ingest"] == "skipped" and summary["stages"]["motion"] == "skipped"
+    assert summary["stages"]["write"] == "ran"
+    x, y = schema.open_result(out), schema.open_result(str(reference))
+    np.testing.assert_array_equal(x["masks"].values, y["masks"].values)
+    np.testing.assert_allclose(x["traces"].values, y["traces"].values, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(x["shifts"].values, y["shifts"].values, atol=1e-6)
+    again = run_cli(*args[:-1], env=env)
+    assert "already done (skipped)" in again.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -45,7 +47,11 @@ def test_checksum_file_and_dir(tmp_path):
     f.write_bytes(b"abc" * 1000)
     c1 = stores.checksum(str(f))
     f.write_bytes(b"abd" * 1000)
+    st = f.stat()  # rewritten: a new modification time (set here: the clock may not tick between writes)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert stores.checksum(str(f)) != c1
+    f.write_bytes(b"abd" * 1001)
+    assert stores.checksum(str(f)) != c1  # a new size
     d = tmp_path / "d"
     d.mkdir()
     (d / "x").write_bytes(b"1")

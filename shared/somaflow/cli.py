@@ -557,6 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure: still one line unless --debug
         if args.debug:
             raise
+        from somaflow.io import stores
+
+        if stores.is_transient(exc):  # a store that did not answer after its retries: exit 3, not 70
+            err = stores.unavailable(getattr(args, "out", None) or getattr(args, "input", None) or "", exc)
+            print(f"somaflow: error: {err}", file=sys.stderr)
+            return err.exit_code
         print(f"somaflow: internal error: {type(exc).__name__}: {_one_line(exc)} "
               "(rerun with --debug for the traceback and report it)", file=sys.stderr)
         return 70

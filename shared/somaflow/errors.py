@@ -32,6 +32,10 @@ class StoreError(SomaflowError):
     exit_code = 3
 
 
+class StoreUnavailableError(StoreError):
+    """A store did not answer (refused or reset connections, 5xx, timeouts) after every retry."""
+
+
 class ResultExistsError(StoreError):
     """The output already exists and ``overwrite`` was not requested."""
 

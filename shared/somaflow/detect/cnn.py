@@ -179,10 +179,15 @@ def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) ->
                        views=p.views(model))
 
 
-def _batch_task(model: str, weights: str, movie: xr.DataArray, start: int, stop: int,
-                stats: xr.Dataset, p: CnnParams, post: PostprocessParams | None) -> _BatchResult:
-    """One temporal batch: its probability map and, with ``post``, its masks (sparse)."""
-    block = np.asarray(movie.data[start:stop], np.float32)  # reads (computes) only this batch's frames
+def _batch_task(model: str, weights: str, frames: np.ndarray, stats: xr.Dataset, p: CnnParams,
+                post: PostprocessParams | None) -> _BatchResult:
+    """One temporal batch: its probability map and, with ``post``, its masks (sparse).
+
+    ``frames``: the batch's (T, H, W) frames; the caller passes the dask slice
+    ``movie.data[start:stop]``, so the task depends on (and its worker reads)
+    only the chunks holding those frames.
+    """
+    block = np.asarray(frames, np.float32)
     batch = pad_batch(detector_batch(block, stats, p.input), p.input.pad_multiple)
     prob = _predict_batch(model, weights, batch, p)
     masks = [as_sparse(probability_to_masks(prob, post))] if post is not None else []
@@ -258,7 +263,12 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         starts = batch_plan(int(movie.sizes["frame"]), p.input)
         # STNeuroNet's per-batch post-processing runs in the batch's task
         per_batch = post if method == "stneuronet" else None
-        tasks = [dask.delayed(_batch_task)(method, weights, movie, s, e, stats, p, per_batch) for s, e in starts]
+        # each task gets the dask slice of its frames, never the whole movie (dask would compute a whole
+        # collection handed to delayed into every task)
+        data = movie.data  # dask or numpy: a slice of either is only the batch
+        # the (y, x) statistics once, as one key every batch task depends on (not a copy per task)
+        shared = dask.delayed(stats, pure=True)
+        tasks = [dask.delayed(_batch_task)(method, weights, data[s:e], shared, p, per_batch) for s, e in starts]
         res = _reduce_batches(tasks, np.maximum if method == "stneuronet" else np.add)
         log.info("%s: %d batches of %d frames", method, res.count, p.input.batch_frames)
         if method == "stneuronet":

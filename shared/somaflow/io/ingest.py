@@ -38,11 +38,12 @@ def load_movie(
 
     ``fps`` and ``modality`` given here win over what the file records. The
     returned array carries attrs ``fps``, ``modality``, ``source`` and
-    ``source_checksum`` and is rechunked to frame-contiguous chunks planned from
-    ``memory_budget``. A zarr input is a somaflow movie, a bare array or an
-    array of a group (``dataset``), as :func:`~somaflow.io.readers.open_input`
-    reads it; declared frame sizes above ``max_frame_pixels`` or the memory
-    budget are refused before anything is read.
+    ``source_checksum`` (:func:`somaflow.io.stores.checksum`: from the store's
+    listing, no data read on the client) and is rechunked to frame-contiguous chunks
+    planned from ``memory_budget``. A zarr input is a somaflow movie, a bare array or
+    an array of a group (``dataset``), as :func:`~somaflow.io.readers.open_input`
+    reads it; declared frame sizes above ``max_frame_pixels`` or the memory budget
+    are refused before anything is read.
 
     Raises
     ------
@@ -112,8 +113,9 @@ def ingest(
     """Convert ``url`` into a movie-schema zarr at ``out_url``.
 
     The input is never modified: an output that is, holds or lies inside the
-    input is refused, with or without ``overwrite``. The output appears only
-    when it is complete (written under a temporary name, then moved); NaNs
+    input is refused, with or without ``overwrite``. The output counts only
+    once it is complete (``stores.atomic_output``: renamed into place on a
+    local disk, committed by its ``complete`` marker on object stores); NaNs
     anywhere abort the write and leave nothing behind.
 
     Returns

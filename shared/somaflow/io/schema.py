@@ -175,6 +175,9 @@ def write_dataset(
 ) -> str:
     """Write any dataset to a zarr v3 store atomically and mark it ``complete``.
 
+    ``scheduler``: the dask scheduler that computes the chunks (``"threads"``
+    ...); None: the current one (a distributed client when one is running).
+
     Used for movies, results and a run's intermediates. Fixed-length unicode
     arrays are written as variable-length UTF-8 strings (zarr v3's ``string``
     data type; fixed-length UTF-32 has no zarr v3 specification); encodings
@@ -390,7 +393,9 @@ def write_result(
         ds = ds.chunk({"unit": min(ds.sizes["unit"], 256)})
     # a result is assembled in this process (or read lazily from the run's stage zarrs):
     # encode it on local threads; a distributed client would ship every chunk through
-    # the scheduler and back (measured 8x slower for 937 units at 512x512)
+    # the scheduler and back (measured 8x slower for 937 units at 512x512). Named for this
+    # write only: dask.config.set is process-wide, and would send the computations of other
+    # sessions running at the same time (an archive) to local threads too
     return write_dataset(ds, url, overwrite=overwrite, storage_options=storage_options, scheduler="threads")
 
 

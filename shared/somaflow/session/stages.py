@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ import xarray as xr
 from somaflow import provenance, runtime
 from somaflow.assemble import assemble_result
 from somaflow.classify.cnet import classify_units
-from somaflow.errors import InputError
+from somaflow.errors import InputError, SomaflowError
 from somaflow.io import schema, stores
 from somaflow.io.ingest import checked, load_movie
 from somaflow.params import RunParams
@@ -38,6 +39,32 @@ from somaflow.preprocess.summary import summary_images
 from somaflow.report import write_report
 from somaflow.session.extract import find_units
 from somaflow.session.layout import scratch_url, stage_outputs
+
+#: default retries of a stage that failed on a store that did not answer, and the first delay (s);
+#: each retry waits twice as long as the one before (flows/session.py: Prefect's exponential backoff)
+STAGE_RETRIES = 2
+STAGE_RETRY_DELAY = 10.0
+
+
+def stage_retries() -> int:
+    """Retries of a stage after a transient store failure: ``SOMAFLOW_STAGE_RETRIES`` or :data:`STAGE_RETRIES`."""
+    return max(0, int(os.environ.get("SOMAFLOW_STAGE_RETRIES") or STAGE_RETRIES))
+
+
+def stage_retry_delay() -> float:
+    """Seconds before a stage's first retry: ``SOMAFLOW_STAGE_RETRY_DELAY`` or :data:`STAGE_RETRY_DELAY`."""
+    return max(0.0, float(os.environ.get("SOMAFLOW_STAGE_RETRY_DELAY") or STAGE_RETRY_DELAY))
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn`` of the stages: retry only when the store did not answer
+    (:func:`somaflow.io.stores.is_transient`); never for a bad input, bad parameters or a bug, which
+    would fail the same way again."""
+    try:
+        state.result()
+    except Exception as exc:  # the stage's own exception, re-raised from its state
+        return stores.is_transient(exc)
+    return False
 
 
 def _tagged(ds: xr.Dataset, stage_hash: str | None) -> xr.Dataset:
@@ -172,9 +199,10 @@ def report(out_url: str) -> str:
 class StageRunner:
     """Runs or skips the stages of one session and records what happened."""
 
-    def __init__(self, session: str, overwrite: bool) -> None:
+    def __init__(self, session: str, overwrite: bool, store: str = "") -> None:
         self.session = session
         self.overwrite = overwrite
+        self.store = store  # the result's URL: names the store when one did not answer
         self.records: dict[str, dict[str, Any]] = {}
 
     def run(self, stage: str, digest: str | None, outputs: list[str], fn: Callable[..., Any], *args: Any,
@@ -187,7 +215,14 @@ class StageRunner:
             self.skip(stage, digest, t0)
             return
         with runtime.stage_progress(self.session, stage):
-            fn(*args, **kwargs)
+            try:
+                fn(*args, **kwargs)
+            except SomaflowError:
+                raise
+            except Exception as exc:  # still failing after the store's and the stage's retries: exit 3
+                if stores.is_transient(exc):
+                    raise stores.unavailable(self.store, exc) from exc
+                raise
         self.records[stage] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 3),
                                "hash": digest}
 

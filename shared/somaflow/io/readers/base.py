@@ -43,7 +43,9 @@ def _file_info(url: str, storage_options: dict[str, Any] | None) -> dict[str, An
         return dict(fs.info(path))
     except FileNotFoundError as exc:
         raise StoreError(f"{url} does not exist. Check the path or URL.") from exc
-    except OSError as exc:
+    except Exception as exc:  # drivers raise their own types (botocore, aiohttp ...)
+        if stores.is_transient(exc):
+            raise stores.unavailable(url, exc) from exc
         raise StoreError(
             f"cannot reach {url}: {exc}. Check the URL, credentials and endpoint."
         ) from exc
@@ -54,7 +56,11 @@ def _check_nonempty(url: str, info: dict[str, Any]) -> None:
         raise InputError(f"{url} is empty (0 bytes). Check that the file was copied completely.")
 
 
-def _read_error(url: str, what: str, exc: BaseException) -> InputError:
+def _read_error(url: str, what: str, exc: BaseException) -> SomaflowError:
+    """The error for a failed read of ``url``: the store's (exit 3) when it did not answer after its
+    retries (:func:`somaflow.io.stores.is_transient`), else the file's (exit 2: corrupt or truncated)."""
+    if stores.is_transient(exc):
+        return stores.unavailable(url, exc)
     return InputError(
         f"cannot read {what} of {url} ({type(exc).__name__}: {exc}). The file is corrupt or "
         "truncated; re-export or re-copy it."

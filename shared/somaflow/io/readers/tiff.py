@@ -298,6 +298,8 @@ def _open_tiff(
     except SomaflowError:
         raise
     except Exception as exc:  # tifffile raises many kinds on malformed files
+        if stores.is_transient(exc):  # the store, not the file: exit 3, not 2
+            raise stores.unavailable(url, exc) from exc
         raise InputError(
             f"cannot read {url} as a TIFF ({type(exc).__name__}: {exc}): it is a truncated or corrupt "
             "TIFF, or not a TIFF; re-copy or re-export it."
@@ -331,6 +333,8 @@ def _open_tiff_folder(
                     first_attrs["fps"] = fps
                 return tuple(tif.series[0].shape), tif.series[0].dtype
         except Exception as exc:  # tifffile raises many kinds on malformed files
+            if stores.is_transient(exc):  # the store, not the file: exit 3, not 2
+                raise stores.unavailable(f, exc) from exc
             raise InputError(
                 f"cannot read {f} as a TIFF ({type(exc).__name__}: {exc}); remove or repair it."
             ) from exc
