@@ -45,18 +45,39 @@ def _other_process_takes(url: str, ttl: float = 30) -> subprocess.CompletedProce
                           env=dict(os.environ), timeout=120)
 
 
+def _live_holder(url: str, ttl: float = 60) -> subprocess.Popen:
+    """Another process that takes the lease of ``url`` and keeps running (and renewing) until killed."""
+    code = ("import sys; from somaflow.io import lease\n"
+            "lease.acquire(sys.argv[1], ttl=float(sys.argv[2]))\n"
+            "print('held', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, url, str(ttl)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_lease_refuses_a_second_owner_and_expires(out_url):
-    assert _other_process_takes(out_url, ttl=60).returncode == 0
-    fs, path = stores.filesystem(lease.lease_url(out_url))
-    record = json.loads(fs.cat_file(path))
-    assert {"host", "pid", "token"} <= set(record["owner"]) and record["expires"] > time.time()
-    with pytest.raises(ResultLockedError, match="another run"):
-        lease.acquire(out_url)
-    second = _other_process_takes(out_url)
-    assert second.returncode == 3 and "ResultLockedError" in second.stdout
-    # a holder that died without releasing: its lease expires and the next run takes it over
+    holder = _live_holder(out_url)
+    try:
+        fs, path = stores.filesystem(lease.lease_url(out_url))
+        record = json.loads(fs.cat_file(path))
+        assert {"host", "pid", "token"} <= set(record["owner"]) and record["expires"] > time.time()
+        with pytest.raises(ResultLockedError, match="another run"):
+            lease.acquire(out_url)
+        second = _other_process_takes(out_url)
+        assert second.returncode == 3 and "ResultLockedError" in second.stdout
+    finally:
+        holder.kill()
+        holder.wait(30)
+    # its process is gone (a SIGKILLed run on this machine): the lease is taken over at once
+    with lease.held(out_url, ttl=30):
+        pass
+    # a holder on another machine (its process cannot be checked from here): only its expiry frees it
     crashed = out_url.replace("r.zarr", "c.zarr")
-    assert _other_process_takes(crashed, ttl=1).returncode == 0
+    fs.pipe_file(stores.filesystem(lease.lease_url(crashed))[1], json.dumps(
+        {"owner": {"host": "elsewhere", "pid": 1, "token": "x"}, "expires": time.time() + 1.0}).encode())
+    with pytest.raises(ResultLockedError, match="another run"):
+        lease.acquire(crashed)
     time.sleep(1.5)
     with lease.held(crashed, ttl=30) as mine:
         again = lease.acquire(crashed)  # re-entrant in one process

@@ -196,6 +196,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
                         (None if is_glob(args.manifest) else args.manifest, args.params))
     from somaflow.io import lease
 
+    inference = _checked_inference(args.inference)  # exit 4 when the service does not answer
     lease.check_writable(stores.normalize_url(args.out))  # exit 3 at once, before any server or cluster
     from somaflow_flows.archive import archive_flow  # the entry into the flow run (imports Prefect)
 
@@ -208,7 +209,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             args.manifest, args.out, fps=args.fps, modality=args.modality,
             neuron_radius=args.neuron_radius, params_file=args.params, method=args.method,
             concurrency=args.concurrency, overwrite=args.overwrite, cluster=args.cluster,
-            workers=args.workers, cluster_spec=args.cluster_spec, inference=_checked_inference(args.inference),
+            workers=args.workers, cluster_spec=args.cluster_spec, inference=inference,
         )
     _emit(args, summary, format_summary)
     return 1 if summary["counts"].get("failed") else 0

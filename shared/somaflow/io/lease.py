@@ -8,7 +8,9 @@ deletes it when it ends. A second run on the same output finds a live lease and
 refuses at once (:class:`~somaflow.errors.ResultLockedError`, one line, exit
 status 3) without touching anything, so it can never remove the first run's
 in-flight outputs. A run that crashed (SIGKILL, a lost node) stops renewing:
-its lease expires after ``ttl`` seconds and the next run takes it over.
+its lease expires after ``ttl`` seconds and the next run takes it over; on the
+machine it ran on (same host name and kernel boot) a lease whose process no
+longer exists is taken over at once, so a killed run resumes without waiting.
 
 Creation is exclusive: ``O_CREAT | O_EXCL`` on a local disk, a conditional
 ``PUT`` (``If-None-Match: *``, S3's compare-and-set, through s3fs's
@@ -145,7 +147,7 @@ class Lease:
 
     def record(self) -> dict[str, Any]:
         expires = _now() + self.ttl
-        return {"owner": {"host": platform.node(), "pid": os.getpid(), "token": self.token},
+        return {"owner": {"host": platform.node(), "boot": _boot_id(), "pid": os.getpid(), "token": self.token},
                 "expires": expires,
                 "expires_at": dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat(timespec="seconds"),
                 "ttl": self.ttl}
@@ -185,6 +187,30 @@ class Lease:
                 _delete(self.url)
 
 
+def _boot_id() -> str | None:
+    """This kernel boot's id (Linux), which tells this machine's process ids from another's."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _holder_is_dead(record: dict[str, Any]) -> bool:
+    """True when the lease's owner ran on this machine (host and boot) and its process is gone."""
+    owner = record.get("owner") or {}
+    boot = _boot_id()
+    if boot is None or owner.get("host") != platform.node() or owner.get("boot") != boot:
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    return False
+
+
 def _holder(record: dict[str, Any]) -> str:
     owner = record.get("owner") or {}
     left = max(0.0, float(record.get("expires", 0)) - _now())
@@ -217,11 +243,11 @@ def acquire(out_url: str, ttl: float | None = None) -> Lease:
         current = _read(url)
         if current is None:
             continue  # released meanwhile: try again
-        if float(current.get("expires", 0)) > _now():
+        if float(current.get("expires", 0)) > _now() and not _holder_is_dead(current):
             raise ResultLockedError(
                 f"{stores.normalize_url(out_url)} is being written by another run: {_holder(current)}. "
                 f"Wait for that run, or choose another --out (a crashed run's lease, {url}, expires by itself).")
-        log.info("taking over the expired lease %s", url)
+        log.info("taking over the lease %s of a run that ended (expired or its process gone)", url)
         _delete(url)
     else:
         raise ResultLockedError(f"could not take the lease {url}: other runs keep taking it. Retry later.")
@@ -261,7 +287,16 @@ def check_writable(prefix: str) -> None:
         pseudo filesystem such as ``/proc``, no permission, an unreachable store).
     """
     probe = stores.join(prefix, f".somaflow-probe-{uuid.uuid4().hex[:8]}")
+    made: list[str] = []  # local folders the probe created: removed again, nothing is left behind
+    if stores.protocol_of(prefix) == "file":
+        folder = stores.filesystem(prefix)[1]
+        while folder and not os.path.exists(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder.rstrip("/"))
     if not _create(probe, b""):
         return
     with contextlib.suppress(Exception):
         _delete(probe)
+    for folder in made:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
