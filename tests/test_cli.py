@@ -101,6 +101,7 @@ def test_run_help_says_what_fps_and_radius_to_use():
     assert "default 5 for 2p" in text
 
 
+@pytest.mark.slow  # covered in the default suite by test_multinode and test_store_faults (S3 to S3)
 def test_run_on_s3(sim_dir, s3_bucket, s3_server, prefect_api):
     meta = _meta(sim_dir)
     fs, _ = stores.filesystem(s3_bucket)

@@ -58,6 +58,7 @@ def _executed(address: str) -> dict[str, int]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the default suite runs every method S3-to-S3 on separate processes (test_multinode)
 def test_run_on_a_multiprocess_cluster_with_s3(dask_processes, make_movie, s3_bucket, s3_server, prefect_api):
     sim = make_movie(41, n_frames=60)
     fs, _ = stores.filesystem(s3_bucket)

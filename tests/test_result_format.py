@@ -134,7 +134,7 @@ def test_a_write_on_local_threads_leaves_other_threads_scheduler_alone(tmp_path)
         assert release.wait(30)
         return x
 
-    data = da.zeros((4, 8), dtype=np.float32, chunks=(4, 8)).map_blocks(block, dtype=np.float32)
+    data = da.zeros((4, 8), dtype=np.float32, chunks=(4, 8)).map_blocks(block, meta=np.empty((0, 0), np.float32))
     ds = xr.Dataset({"a": (("y", "x"), data)})
     before = dask.config.get("scheduler", None)
     writer = threading.Thread(target=schema.write_dataset, args=(ds, str(tmp_path / "a.zarr")),
