@@ -180,11 +180,41 @@ def test_fit_images_tiles_equal_one_tile(monkeypatch):
         ref = CF._fit_images(mv, 2.0)
         monkeypatch.setattr(CF, "_IMAGE_TILE", 32)  # 2 x 3 tiles with a 17 px halo
         tiled = CF._fit_images(mv, 2.0)
-        read = CF._fit_images(mv, 2.0, read=lambda reg: arr[:, reg[0], reg[1]])
+        read = CF._fit_images(mv, 2.0, read=lambda reg, frames=slice(None): arr[frames, reg[0], reg[1]])
     for name in ref.data_vars:
         np.testing.assert_array_equal(tiled[name].values, ref[name].values, err_msg=name)
         np.testing.assert_array_equal(read[name].values, ref[name].values, err_msg=name)
     assert ref["correlation_image"].values[22, 32] > 0.5
+
+
+def test_fit_images_stream_frames_in_bounded_reads(monkeypatch):
+    """A summary-image task reads its region a few frames at a time (memory independent of the
+    movie's length) and gets the same images as from one read, up to the neighbour differences
+    across read boundaries that the PNR's noise estimate leaves out."""
+    rng = np.random.default_rng(5)
+    arr = rng.random((200, 40, 40)).astype(np.float32)
+    arr[:, 10:16, 10:16] += np.sin(np.linspace(0, 30, 200, dtype=np.float32))[:, None, None] + 1
+    mv = xr.DataArray(da.from_array(arr, chunks=-1), dims=("frame", "y", "x"))
+    reads = []
+
+    def read(reg, frames=slice(None)):
+        out = arr[frames, reg[0], reg[1]]
+        reads.append(out.shape[0])
+        return out
+
+    with dask.config.set(scheduler="sync"):
+        whole = CF._fit_images(mv, 2.0, read=read)
+        assert reads == [200]
+        reads.clear()
+        monkeypatch.setattr(CF, "_STREAM_BYTES", 4 * 40 * 40 * 64)  # 64 frames per read
+        streamed = CF._fit_images(mv, 2.0, read=read)
+    assert sorted(reads) == [8, 64, 64, 64]
+    for name in ("mean_image", "max_image", "std_image", "correlation_image"):
+        np.testing.assert_allclose(streamed[name].values, whole[name].values, rtol=1e-4, atol=1e-5, err_msg=name)
+    # the PNR's temporal smoothing restarts at each read: the cell still stands out as much
+    pnr_s, pnr_w = streamed["pnr_image"].values, whole["pnr_image"].values
+    np.testing.assert_allclose(pnr_s[11:15, 11:15], pnr_w[11:15, 11:15], rtol=0.1)
+    assert np.corrcoef(pnr_s.ravel(), pnr_w.ravel())[0, 1] > 0.9
 
 
 def test_mask_contrast_separates_somata_from_flat_background():

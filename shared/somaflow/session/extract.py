@@ -153,6 +153,7 @@ def _open_fit(url: str, chunks: str | None = "auto") -> xr.DataArray:
     return xr.open_zarr(fs.get_mapper(path), consolidated=False, **kwargs)["movie"]
 
 
-def _read_region(url: str, region: tuple[slice, slice]) -> np.ndarray:
-    """(frame, y, x) float32: ``region`` of the fit movie zarr at ``url``, read by the calling task."""
-    return np.asarray(_open_fit(url, chunks=None)[:, region[0], region[1]].values, np.float32)
+def _read_region(url: str, region: tuple[slice, slice], frames: slice = slice(None)) -> np.ndarray:
+    """(frame, y, x) float32: ``region`` of the fit movie zarr at ``url`` over ``frames``, read by
+    the calling task."""
+    return np.asarray(_open_fit(url, chunks=None)[frames, region[0], region[1]].values, np.float32)

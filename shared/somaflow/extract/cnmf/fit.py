@@ -54,8 +54,8 @@ def fit_movie(movie: xr.DataArray, params: CnmfParams) -> xr.DataArray:
     Returns
     -------
     xarray.DataArray
-        (frame, y, x) float32, dask-backed, no coordinates; chunks of every
-        frame by ``min(patch_size, 128)`` pixels square.
+        (frame, y, x) float32, dask-backed, no coordinates; chunks of
+        :data:`FIT_CHUNK_FRAMES` frames by ``min(patch_size, 128)`` pixels square.
 
     Raises
     ------
@@ -70,12 +70,16 @@ def fit_movie(movie: xr.DataArray, params: CnmfParams) -> xr.DataArray:
     if k > 1:
         fit = fit.coarsen(frame=k, boundary="trim").mean()
     tile = int(min(params.patch_size, 128))
-    fit = fit.chunk({"frame": -1, "y": tile, "x": tile}).rename("movie")
+    fit = fit.chunk({"frame": FIT_CHUNK_FRAMES, "y": tile, "x": tile}).rename("movie")
     return fit.drop_vars(list(fit.coords))
 
 
-#: reads a (y, x) region of every frame of the fit movie: (frame, y, x) float32
-RegionReader = Callable[[tuple[slice, slice]], np.ndarray]
+#: frames per chunk of the fit movie: a task that streams a region reads this many frames at a time
+FIT_CHUNK_FRAMES = 250
+
+#: ``read(region, frames)``: the (y, x) ``region`` of the fit movie's ``frames`` (a slice; all
+#: frames when omitted), (frame, y, x) float32
+RegionReader = Callable[..., np.ndarray]
 
 
 def cnmf(
@@ -96,8 +100,8 @@ def cnmf(
     fps : float
         Frame rate of ``fit`` (Hz): the movie's divided by :func:`fit_bin_factor`.
     read : callable, optional
-        ``read(region) -> (frame, y, x) float32``: the same data as ``fit``
-        over ``region``; each patch task calls it to read its own region (from
+        ``read(region, frames=slice(None)) -> (frame, y, x) float32``: the same
+        data as ``fit`` over ``region`` (and ``frames``); each patch task calls it to read its own region (from
         the store ``fit`` was written to, say) instead of depending on ``fit``'s
         chunks, so no read task is queued on another worker. None: the tasks
         take their region of ``fit``.
@@ -167,6 +171,8 @@ def plan_patches(shape: tuple[int, int], params: CnmfParams) -> list[tuple[tuple
 
 
 _IMAGE_TILE = 256  # core size (pixels) of the tiles the fit movie's summary images are computed on
+#: bytes of float32 frames a summary-image task reads and band-passes at a time (its working set is ~4x)
+_STREAM_BYTES = 64 * 2**20
 
 
 
@@ -183,22 +189,29 @@ def _fit_images(movie: xr.DataArray, r: float = 0.0,
     computing them: single pixels are too noisy and neuropil too smooth).
 
     One task per spatial tile of ``_IMAGE_TILE`` pixels plus a halo wide enough
-    for the filter and the neighbour correlations, holding every frame (the fit
-    movie is stored in all-frame tiles), so the tiles run in parallel and no
-    task holds whole frames of the whole movie. With ``read`` (region → array)
-    each task reads its own region instead of depending on ``movie``'s chunks.
+    for the filter and the neighbour correlations, so the tiles run in parallel
+    and no task holds whole frames of the whole movie. A task streams its
+    region about :data:`_STREAM_BYTES` of frames at a time (read, band-passed
+    and reduced chunk by chunk), so its memory does not grow with the movie's
+    length. With ``read`` each task reads its own region instead of depending
+    on ``movie``'s chunks.
     """
 
     data = movie.data if isinstance(movie.data, da.Array) else da.from_array(np.asarray(movie), chunks=-1)
-    ny, nx = data.shape[1:]
+    n_frames, ny, nx = data.shape
     halo = (int(math.ceil(4 * 2 * r)) if r > 0 else 0) + 1
     names = ("mean_image", "max_image", "std_image", "correlation_image", "pnr_image")
 
-    def tile_images(block: np.ndarray | tuple[slice, slice], crop: tuple[slice, slice]) -> np.ndarray:
-        b = np.asarray(read(block) if read is not None else block, np.float32)  # type: ignore[arg-type]
-        if r > 0:
-            b = _bandpass(b, r)
-        arr = xr.DataArray(da.from_array(b, chunks=-1), dims=("frame", "y", "x"))
+    def chunk(src: da.Array | tuple[slice, slice], f0: int, f1: int) -> np.ndarray:
+        b = np.asarray(read(src, slice(f0, f1)) if read is not None else src[f0:f1], np.float32)  # type: ignore[index]
+        return _bandpass(b, r) if r > 0 else b
+
+    def tile_images(src: da.Array | tuple[slice, slice], crop: tuple[slice, slice]) -> np.ndarray:
+        h, w = ((s.stop - s.start for s in src) if read is not None else src.shape[1:])  # type: ignore[union-attr]
+        cuts = _frame_cuts(n_frames, _STREAM_BYTES // (4 * h * w))
+        parts = [da.from_delayed(dask.delayed(chunk)(src, f0, f1), (f1 - f0, h, w), np.float32)
+                 for f0, f1 in zip(cuts[:-1], cuts[1:], strict=True)]
+        arr = xr.DataArray(da.concatenate(parts), dims=("frame", "y", "x"))
         im = summary_images(arr, SummaryParams()).compute(scheduler="synchronous")
         return np.stack([np.asarray(im[k].values)[crop] for k in names])
 
@@ -216,6 +229,15 @@ def _fit_images(movie: xr.DataArray, r: float = 0.0,
     for core, img in zip(cores, dask.compute(*tasks), strict=True):
         out[:, core[0], core[1]] = img
     return xr.Dataset({k: (("y", "x"), out[i]) for i, k in enumerate(names)})
+
+
+def _frame_cuts(n_frames: int, step: int) -> list[int]:
+    """Boundaries of consecutive frame ranges of about ``step`` frames, none shorter than 2 frames
+    (the summary images' neighbour differences need 2)."""
+    starts = list(range(0, n_frames, max(int(step), 2)))
+    if len(starts) > 1 and n_frames - starts[-1] < 2:
+        starts.pop()
+    return [*starts, n_frames]
 
 
 def _bandpass(b: np.ndarray, r: float) -> np.ndarray:
