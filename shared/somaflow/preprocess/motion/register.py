@@ -257,34 +257,12 @@ def apply_shifts(movie: xr.DataArray, shifts_ds: xr.Dataset, p: MotionParams) ->
                 np.asarray(ps["patch_x"].values, dtype=np.float64),
             )
             patch = _dask_of(ps).astype(np.float32).rechunk((tchunks, -1, -1, 2))
-            out = da.blockwise(
-                _apply_block,
-                "tyx",
-                data,
-                "tyx",
-                rigid,
-                "ta",
-                patch,
-                "tija",
-                concatenate=True,
-                dtype=np.float32,
-                meta=np.empty((0, 0, 0), dtype=np.float32),
-                p=p,
-                centers=centers,
-            )
+            field: tuple = (patch, "tija")
+            extra = {"centers": centers}
         else:
-            out = da.blockwise(
-                _apply_block,
-                "tyx",
-                data,
-                "tyx",
-                rigid,
-                "ta",
-                concatenate=True,
-                dtype=np.float32,
-                meta=np.empty((0, 0, 0), dtype=np.float32),
-                p=p,
-            )
+            field, extra = (), {}
+        out = da.blockwise(_apply_block, "tyx", data, "tyx", rigid, "ta", *field, concatenate=True,
+                           dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32), p=p, **extra)
     return xr.DataArray(
         out, dims=("frame", "y", "x"), coords=movie.coords, attrs=dict(movie.attrs), name=movie.name
     )
