@@ -25,8 +25,9 @@ one archive computing the same input at once must not collide).
 Each archive's exit status is tallied, as is every failed session's cause (its
 ``exit_code`` in ``archive_summary.json``). A failure the faults explain (3: a
 store that did not answer, 4: an inference service that did not answer, an
-archive killed by the soak) is rerun: the rerun resumes, nothing is lost. Any
-other (70 internal, 2 input, an archive exit other than 0 / 1 / 3 / 4) is a
+archive killed by the soak, 75: its local cluster did not start) is rerun: the
+rerun resumes, nothing is lost. Any other (70 internal, 2 input, an archive exit
+other than 0 / 1 / 3 / 4 / 75) is a
 defect the soak found: listed, and the soak exits 1 even if a rerun completed it.
 
 Prints sessions run, faults injected (by kind), sessions completed, results lost
@@ -328,7 +329,7 @@ class Soak:
         self.exits[-9 if killed else rc] += 1
         if killed:
             return
-        if rc not in (0, 1, *FAULT_CODES):
+        if rc not in (0, 1, 75, *FAULT_CODES):  # 75: the local cluster did not start (a loaded machine)
             self.defects.append(f"round {self.rounds}: archive exit {rc}")
         fs, path = stores.filesystem(f"{out}/archive_summary.json")
         if rc != 1 or not fs.exists(path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from conftest import run_cli
 from somaflow.errors import InputError, ResultLockedError, StoreError
 from somaflow.io import lease, schema, stores
 from somaflow.params import RunParams
@@ -292,3 +293,22 @@ def test_a_full_disk_in_a_dask_task_is_one_line_and_the_rerun_resumes(tmp_path, 
     assert (logs / "freed.rc").read_text().strip() == "0", freed
     assert "[r.zarr] ingest: skipped" in freed, freed
     assert schema.is_complete(str(logs / "after-freed" / "r.zarr"))
+
+
+# ----------------------------------------------------------------------------- a cluster that does not start
+
+
+def test_a_local_cluster_that_does_not_start_is_one_line_not_an_internal_error(tmp_path, make_movie, prefect_api):
+    """A nanny that fails to start (seen under load: a worker timing out) is tried once more with longer
+    timeouts, then is exit 75 (a temporary failure) with one line naming the cluster, not exit 70.
+    Provoked by a worker preload that cannot be imported: every start fails the same way."""
+    out = tmp_path / "r.zarr"
+    proc = run_cli("run", str(make_movie(6, n_frames=40) / "movie.tif"), "--out", str(out), "--fps", "10",
+                   "--method", "local-maxima", "--cluster", "local", "--workers", "1", check=False,
+                   env={**prefect_api, "DASK_DISTRIBUTED__WORKER__PRELOAD": '["somaflow_no_such_preload"]'})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 75, proc.stderr
+    assert lines[-1].startswith("somaflow: error: the local Dask cluster (--workers 1) did not start, twice")
+    assert "somaflow_no_such_preload" in lines[-1] and "Traceback" not in proc.stderr
+    assert all(line.startswith("[r.zarr]") for line in lines[:-1]), proc.stderr
+    assert not out.exists() and not schema.is_complete(str(out))

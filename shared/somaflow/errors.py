@@ -57,6 +57,13 @@ class OutputConflictError(SomaflowError):
     exit_code = 2
 
 
+class ClusterStartError(SomaflowError):
+    """The local Dask cluster did not start (the machine short of CPU, memory or processes):
+    worth a retry later, not a defect (``EX_TEMPFAIL``)."""
+
+    exit_code = 75
+
+
 class ServiceError(SomaflowError):
     """The inference service failed or is unreachable."""
 
