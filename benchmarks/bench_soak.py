@@ -27,8 +27,8 @@ Each archive's exit status is tallied, as is every failed session's cause (its
 store that did not answer, 4: an inference service that did not answer, an
 archive killed by the soak, 75: its local cluster did not start) is rerun: the
 rerun resumes, nothing is lost. Any other (70 internal, 2 input, an archive exit
-other than 0 / 1 / 3 / 4 / 75) is a
-defect the soak found: listed, and the soak exits 1 even if a rerun completed it.
+other than 0 / 1 / 3 / 4 / 75) is a defect the soak found: listed, and the soak
+exits 1 even if a rerun completed it.
 
 Prints sessions run, faults injected (by kind), sessions completed, results lost
 (seen complete after some round, not complete at the end), corrupted (complete
@@ -75,6 +75,12 @@ BIN = Path(sys.executable).parent
 BUCKET = "soak"
 #: attrs that differ between two runs of the same computation
 VOLATILE_ATTRS = {"timings", "created", "provenance", "flow_run_id", "stage_hash"}
+#: with --service: the largest difference of a float variable that is rounding, not corruption. The
+#: service's dynamic batcher runs one client's request in one forward pass with whatever other
+#: requests are queued, and a network's float32 output for an example changes in its last bits with
+#: the batch it is computed in (measured without any fault: 3CNet scores up to 6e-8 apart between two
+#: archives of the same sessions). Masks, verdicts and every integer stay exactly equal.
+BATCHING_ROUNDING = 1e-6
 #: failure causes the injected faults explain (somaflow.errors): a store or the inference service did not answer
 FAULT_CODES = {3, 4}
 #: the CNNs a method's runs call (cnmf: its morphology U-Net), the classifier's besides
@@ -349,10 +355,28 @@ def _manifest(path: Path, sessions: list[tuple[str, int]], params: dict | None =
     return str(path)
 
 
-def _same(a: xr.Dataset, b: xr.Dataset) -> bool:
-    if set(a.data_vars) != set(b.data_vars):
-        return False
-    return all(np.array_equal(a[v].values, b[v].values, equal_nan=a[v].dtype.kind == "f") for v in a.data_vars)
+def _within_rounding(a: xr.Dataset, b: xr.Dataset, diff: dict[str, str]) -> bool:
+    """Every difference is in a float variable and at most :data:`BATCHING_ROUNDING`."""
+    for v in diff:
+        if v not in a or v not in b or a[v].dtype.kind != "f" or a[v].shape != b[v].shape:
+            return False
+        if not np.allclose(a[v].values, b[v].values, rtol=0, atol=BATCHING_ROUNDING, equal_nan=True):
+            return False
+    return True
+
+
+def _differences(a: xr.Dataset, b: xr.Dataset) -> dict[str, str]:
+    """Each data variable that differs: how (shape, or how many values and the largest difference)."""
+    out = {v: "missing on one side" for v in set(a.data_vars) ^ set(b.data_vars)}
+    for v in set(a.data_vars) & set(b.data_vars):
+        x, y = a[v].values, b[v].values
+        if x.shape != y.shape:
+            out[v] = f"shape {x.shape} vs {y.shape}"
+        elif not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+            bad = ~((x == y) | (np.isnan(x) & np.isnan(y)) if x.dtype.kind == "f" else x == y)
+            big = float(np.nanmax(np.abs(x.astype(float) - y.astype(float)))) if x.dtype.kind in "fiub" else None
+            out[v] = f"{int(bad.sum())} of {x.size} values" + (f", largest difference {big:.3g}" if big is not None else "")
+    return out
 
 
 def main() -> None:
@@ -431,6 +455,8 @@ def main() -> None:
 
         fs.invalidate_cache()
         completed, lost, unfinished, corrupted = [], [], [], []
+        differences: dict[str, dict[str, str]] = {}
+        rounding: dict[str, dict[str, str]] = {}
         refs = {m: schema.open_result(f"s3://{BUCKET}/ref/ref{m}.zarr").load() for m in range(args.movies)}
         for s, m in sessions:
             url = f"s3://{BUCKET}/soak/{s}.zarr"
@@ -438,15 +464,21 @@ def main() -> None:
                 (lost if s in soak.seen_complete else unfinished).append(s)
                 continue
             completed.append(s)
-            if not _same(schema.open_result(url).load(), refs[m]):
+            got = schema.open_result(url).load()
+            diff = _differences(got, refs[m])
+            if diff and args.service and _within_rounding(got, refs[m], diff):
+                rounding[s] = diff
+            elif diff:
                 corrupted.append(s)
+                differences[s] = diff
         inputs_changed = [m for m in range(args.movies) if fs.checksum(f"{BUCKET}/raw/m{m}.tif") != inputs_before[m]]
         figures = {
             "sessions_run": len(sessions), "distinct_movies": args.movies, "frames": args.frames,
             "method": args.method, "faults_injected": sum(soak.faults.values()), "faults": soak.faults,
             "s3_requests_faulted": {k: v for k, v in proxy.counts().items() if k.startswith("fault_")},
             "archive_rounds": soak.rounds, "stalled_archives_restarted": soak.stalls, "sessions_completed": len(completed), "results_lost": len(lost),
-            "results_corrupted": len(corrupted), "lost": lost, "corrupted": corrupted,
+            "results_corrupted": len(corrupted), "lost": lost, "corrupted": corrupted, "differences": differences,
+            "float_rounding_from_service_batching": rounding,
             "unfinished_when_the_budget_ran_out": unfinished,
             "inputs_changed": inputs_changed, "processes_outliving_a_killed_archive": soak.leaked,
             "archive_exits": dict(soak.exits), "session_failures_by_cause": dict(soak.failures),
@@ -472,6 +504,11 @@ def main() -> None:
         print(f"sessions completed: {len(completed)} (unfinished when the budget ran out: {len(unfinished)}); "
               f"results lost: {len(lost)}; corrupted vs fault-free: {len(corrupted)}; inputs changed: "
               f"{len(inputs_changed)}; processes outliving a killed archive: {len(soak.leaked)}")
+        for s, diff in differences.items():
+            print(f"  {s} differs from the fault-free result: {diff}")
+        if args.service:
+            print(f"float rounding (<= {BATCHING_ROUNDING:g}) from the service's cross-request batching, not "
+                  f"counted as corrupted: {len(rounding)} sessions {sorted({v for d in rounding.values() for v in d})}")
         print(f"time: reference {t_ref:.0f} s, soak {t_soak:.0f} s, total {figures['seconds_total']:.0f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
