@@ -206,8 +206,14 @@ class Service:
         threading.Thread(target=back, name="service-restart", daemon=True).start()
 
     def stop(self) -> None:
+        """The soak is over: SIGTERM, so that the service removes its scratch and shared memory."""
         self.closed = True
-        self.kill()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
         if self.proxy is not None:
             self.proxy.stop()
 
