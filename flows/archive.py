@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from somaflow_flows.session import session_flow
 
 from somaflow import runtime
+from somaflow.errors import exit_code
 from somaflow.io import stores
 from somaflow.io.config import load_params_file
 from somaflow.manifest import (
@@ -73,7 +74,9 @@ def _row(spec: SessionSpec, prefix: str, future: Any) -> dict[str, Any]:
     outcome = future.result(raise_on_failure=False)
     if isinstance(outcome, BaseException) or future.state.is_failed():
         reason = failure_reason(outcome) if isinstance(outcome, BaseException) else str(future.state.message)
-        return {**row, "status": "failed", "reason": reason, "seconds": None}
+        # the exit status `somaflow run` would give for it: by cause (somaflow.errors), 70 internal
+        code = exit_code(outcome) if isinstance(outcome, BaseException) else 70
+        return {**row, "status": "failed", "reason": reason, "exit_code": code, "seconds": None}
     return {**row, "status": outcome["status"], "reason": None, "seconds": outcome["seconds"],
             "n_units": outcome["n_units"], "n_accepted": outcome["n_accepted"],
             "n_frames": outcome["n_frames"], "stages": outcome.get("stages", {}),

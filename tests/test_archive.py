@@ -111,6 +111,7 @@ def test_archive_with_a_broken_session(make_movie, tmp_path, prefect_api):
     assert [r["session"] for r in summary["sessions"]] == ["s0", "s1", "broken", "s2", "s3"]
     assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1}
     assert by["broken"]["status"] == "failed" and "TIFF" in by["broken"]["reason"]
+    assert by["broken"]["exit_code"] == 2  # the cause, as `somaflow run` would exit: a bad input
     assert "\n" not in by["broken"]["reason"]
     for s in ("s0", "s1", "s2", "s3"):
         assert by[s]["status"] == "done" and by[s]["n_units"] > 0, by[s]
@@ -143,3 +144,38 @@ def test_archive_bad_manifest_fails_before_work(tmp_path):
     assert proc.returncode == 2 and "twice" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_archive_with_a_blank_session(make_movie, tmp_path, prefect_api):
+    """Issue 28 item 3: a session whose movie holds nothing (pure noise) gives an empty, complete
+    result, and the archive completes the others and exits 0."""
+    import numpy as np
+    import tifffile
+
+    shutil.copy(make_movie(41, n_frames=40) / "movie.tif", tmp_path / "cells.tif")
+    rng = np.random.default_rng(7)
+    # pure noise, in which CNMF finds no candidate at all (measured: 0 units at 64 x 64 with this seed)
+    tifffile.imwrite(tmp_path / "blank.tif", rng.normal(100, 5, (40, 64, 64)).astype(np.float32))
+    (tmp_path / "sessions.yaml").write_text(yaml.safe_dump([
+        {"session": "cells", "movie": "cells.tif", "fps": 10, "modality": "2p"},
+        {"session": "blank", "movie": "blank.tif", "fps": 10, "modality": "2p"},
+    ]))
+    (tmp_path / "all.yaml").write_text("preprocess:\n  motion:\n    mode: none\n")
+    out = tmp_path / "results"
+    proc = run_cli("archive", str(tmp_path / "sessions.yaml"), "--out", str(out), "--concurrency", "2",
+                   "--params", str(tmp_path / "all.yaml"), "--cluster", "threads", "--json", env=prefect_api,
+                   check=False)
+    assert proc.returncode == 0, proc.stderr
+    by = {r["session"]: r for r in json.loads(proc.stdout)["sessions"]}
+    assert by["cells"]["status"] == "done" and by["cells"]["n_units"] > 0, by["cells"]
+    assert by["blank"]["status"] == "done" and by["blank"]["n_units"] == by["blank"]["n_accepted"] == 0, by["blank"]
+    for s in ("cells", "blank"):
+        assert schema.is_complete(str(out / f"{s}.zarr")) and (out / f"{s}.report.html").is_file()
+    blank = schema.open_result(str(out / "blank.zarr"))
+    assert blank.sizes["unit"] == 0 and blank.sizes["frame"] == 40
+    assert blank["traces"].shape == (0, 40) and blank["masks"].shape == (0, 64, 64)
+    # a second pass takes the empty result as finished, not as something to redo
+    again = run_cli("archive", str(tmp_path / "sessions.yaml"), "--out", str(out), "--params",
+                    str(tmp_path / "all.yaml"), "--cluster", "threads", "--json", env=prefect_api)
+    assert json.loads(again.stdout)["counts"] == {"done": 0, "skipped": 2, "failed": 0}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from conftest import run_cli
 from somaflow.errors import InputError, ResultLockedError, StoreError
 from somaflow.io import lease, schema, stores
 from somaflow.params import RunParams
@@ -227,3 +229,86 @@ def test_three_frames_fail_before_any_stage(tmp_path):
     tifffile.imwrite(tmp_path / "three.tif", np.arange(3 * 32 * 32, dtype=np.uint16).reshape(3, 32, 32))
     with pytest.raises(InputError, match="needs at least 16 frames"):
         session_params(str(tmp_path / "three.tif"), fps=10)
+
+
+# ----------------------------------------------------------------------------- a full disk inside a Dask task
+
+#: run in a user and mount namespace of its own (no root needed, nothing left mounted): --out on a
+#: 1 MiB tmpfs (the ingested movie fits, the motion-corrected one does not), then the same run
+#: after the tmpfs grows, as after space is freed; what --out holds is copied out after each
+_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=1m tmpfs "$DISK"
+"$SOMAFLOW" run "$MOVIE" --out "$DISK/r.zarr" --fps 10 --method local-maxima --cluster local --workers 1 \
+    > "$LOGS/full.out" 2> "$LOGS/full.err"
+echo $? > "$LOGS/full.rc"
+cp -a "$DISK" "$LOGS/after-full"
+mount -o remount,size=64m "$DISK"
+"$SOMAFLOW" run "$MOVIE" --out "$DISK/r.zarr" --fps 10 --method local-maxima --cluster local --workers 1 \
+    > "$LOGS/freed.out" 2> "$LOGS/freed.err"
+echo $? > "$LOGS/freed.rc"
+cp -a "$DISK" "$LOGS/after-freed"
+"""
+
+
+def _own_mounts_allowed(where) -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', str(where)],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.integration
+def test_a_full_disk_in_a_dask_task_is_one_line_and_the_rerun_resumes(tmp_path, make_movie, prefect_api):
+    """Item 10: ENOSPC while a worker process writes a stage's chunks: exit 3, one line naming the
+    full disk and the fix, no traceback, no partial stage a later run could take for finished;
+    after space is freed the same command resumes after the last finished stage."""
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    if not _own_mounts_allowed(disk):
+        pytest.skip("no user and mount namespaces here (unshare -rm): cannot make a small disk without root")
+    movie = make_movie(6, n_frames=40) / "movie.tif"
+    env = {**os.environ, **prefect_api, "DISK": str(disk), "LOGS": str(logs), "MOVIE": str(movie),
+           "SOMAFLOW": str(Path(sys.executable).with_name("somaflow"))}
+    subprocess.run(["unshare", "-rm", "sh", "-c", _FULL_DISK], env=env, check=True, timeout=600)
+
+    err = (logs / "full.err").read_text()
+    assert (logs / "full.rc").read_text().strip() == "3", err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("somaflow: error: cannot write") and "disk is full" in lines[-1], err
+    assert "rerun" in lines[-1] and "Traceback" not in err
+    # every other line is the run's progress: no worker log, no second error line
+    assert all(line.startswith(("[r.zarr]", "Dask dashboard")) for line in lines[:-1]), err
+    work = logs / "after-full" / "r.zarr.work"
+    assert not (logs / "after-full" / "r.zarr").exists()
+    left = sorted(p.name for p in work.iterdir())
+    assert "movie.zarr" in left and not any("partial" in n for n in left), left
+    for name in left:  # every stage store left behind is complete: nothing half-written to mistake
+        if name.endswith(".zarr"):
+            assert schema.is_complete(str(work / name)), name
+
+    freed = (logs / "freed.err").read_text()
+    assert (logs / "freed.rc").read_text().strip() == "0", freed
+    assert "[r.zarr] ingest: skipped" in freed, freed
+    assert schema.is_complete(str(logs / "after-freed" / "r.zarr"))
+
+
+# ----------------------------------------------------------------------------- a cluster that does not start
+
+
+def test_a_local_cluster_that_does_not_start_is_one_line_not_an_internal_error(tmp_path, make_movie, prefect_api):
+    """A nanny that fails to start (seen under load: a worker timing out) is tried once more with longer
+    timeouts, then is exit 75 (a temporary failure) with one line naming the cluster, not exit 70.
+    Provoked by a worker preload that cannot be imported: every start fails the same way."""
+    out = tmp_path / "r.zarr"
+    proc = run_cli("run", str(make_movie(6, n_frames=40) / "movie.tif"), "--out", str(out), "--fps", "10",
+                   "--method", "local-maxima", "--cluster", "local", "--workers", "1", check=False,
+                   env={**prefect_api, "DASK_DISTRIBUTED__WORKER__PRELOAD": '["somaflow_no_such_preload"]'})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 75, proc.stderr
+    assert lines[-1].startswith("somaflow: error: the local Dask cluster (--workers 1) did not start, twice")
+    assert "somaflow_no_such_preload" in lines[-1] and "Traceback" not in proc.stderr
+    assert all(line.startswith("[r.zarr]") for line in lines[:-1]), proc.stderr
+    assert not out.exists() and not schema.is_complete(str(out))

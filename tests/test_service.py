@@ -174,6 +174,48 @@ def test_signature_check_names_the_problem():
     assert "inputs" in sig.check({"image": ok}, 1 << 20)
 
 
+def test_the_client_retries_what_the_fault_proxy_injects_and_stops_at_its_deadline():
+    """The soak's service faults (benchmarks/bench_soak.py --service) through FaultProxy: 503 / 500
+    answers in Triton's JSON and reset connections are retried, a service gone (the proxy's 502 for a
+    refused upstream) is waited for until the deadline, then it is the one-line ServiceError."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from somaflow.errors import ServiceError
+    from somaflow.inference import RemoteBackend
+    from somaflow.testing.s3proxy import Fault, FaultProxy
+
+    class Ready(BaseHTTPRequestHandler):  # a server's readiness endpoint, the only call wait_ready makes
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            return
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        with FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}") as proxy:
+            proxy.inject(Fault("503", first=2))
+            proxy.inject(Fault("500", first=1))
+            proxy.inject(Fault("reset", first=1))
+            RemoteBackend(proxy.url, deadline=30).wait_ready()
+            counts = proxy.counts()
+            assert (counts["fault_503"], counts["fault_500"], counts["fault_reset"]) == (2, 1, 1), counts
+            proxy.set_upstream(f"http://127.0.0.1:{free_port()}")  # the service killed: nothing listens
+            t0 = time.perf_counter()
+            with pytest.raises(ServiceError, match=f"inference service {proxy.url} did not answer"):
+                RemoteBackend(proxy.url, deadline=2).wait_ready()
+            assert time.perf_counter() - t0 < 20
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
 def test_inference_option_is_checked_before_any_work(tmp_path, make_movie):
     movie = make_movie(0) / "movie.tif"
     bad = run_cli("run", str(movie), "--out", str(tmp_path / "r.zarr"), "--fps", "10", "--inference",

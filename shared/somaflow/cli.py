@@ -26,7 +26,7 @@ from typing import Any
 from somaflow_service.launch import add_serve_parser
 
 from somaflow import __version__
-from somaflow.errors import ParameterError, SomaflowError
+from somaflow.errors import ParameterError, SomaflowError, store_full
 from somaflow.extract import METHODS
 
 log = logging.getLogger("somaflow")
@@ -560,6 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from somaflow.io import stores
 
+        full = store_full(exc)  # a disk full anywhere (a Dask task's write included): exit 3, not 70
+        if full is not None:
+            print(f"somaflow: error: {_one_line(full)}", file=sys.stderr)
+            return full.exit_code
         if stores.is_transient(exc):  # a store that did not answer after its retries: exit 3, not 70
             err = stores.unavailable(getattr(args, "out", None) or getattr(args, "input", None) or "", exc)
             print(f"somaflow: error: {err}", file=sys.stderr)

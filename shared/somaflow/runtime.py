@@ -24,7 +24,7 @@ from dask.system import CPU_COUNT
 from distributed.diagnostics.progress import AllProgress
 
 from somaflow import kube
-from somaflow.errors import ParameterError, StoreError
+from somaflow.errors import ClusterStartError, ParameterError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,41 @@ def _quiet_distributed() -> None:
             nanny.addFilter(_not_shutdown_noise)
 
 
+#: the workers' timeout to reach the scheduler on the second try of a local cluster's start (default 30 s)
+SLOW_START_CONNECT = "180s"
+
+
+def _local_cluster(**kw: Any) -> Any:
+    """A ``LocalCluster``; a start that fails (a nanny or worker timing out on a loaded machine) is
+    tried once more with longer timeouts, then is a :class:`ClusterStartError`, not an internal error."""
+    import dask
+    from distributed import LocalCluster
+
+    # a nanny logs its worker's failed start with the traceback; the error raised here says it in one line
+    nanny = logging.getLogger("distributed.nanny")
+    level = nanny.level
+    if not log.isEnabledFor(logging.DEBUG):
+        nanny.setLevel(logging.CRITICAL)
+    try:
+        try:
+            return LocalCluster(**kw)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            log.info("the local Dask cluster did not start (%s); trying once more with longer timeouts", exc)
+        with dask.config.set({"distributed.comm.timeouts.connect": SLOW_START_CONNECT,
+                              "distributed.comm.timeouts.tcp": SLOW_START_CONNECT}):
+            return LocalCluster(**kw)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+        raise ClusterStartError(
+            f"the local Dask cluster (--workers {kw.get('n_workers')}) did not start, twice: {detail}. "
+            "The machine is short of CPU, memory or processes: rerun when it is less loaded, or with fewer "
+            "--workers; a rerun resumes after the last finished stage."
+        ) from exc
+    finally:
+        nanny.setLevel(level)
+
+
 @contextlib.contextmanager
 def dask_client(cluster: str = "local", workers: int | None = None,
                 memory_limit: str | None = None, spec_file: str | None = None) -> Iterator[Any]:
@@ -207,7 +242,7 @@ def dask_client(cluster: str = "local", workers: int | None = None,
     ------
     distributed.Client
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     check_cluster_option(cluster, spec_file)
     _quiet_distributed()
@@ -215,7 +250,7 @@ def dask_client(cluster: str = "local", workers: int | None = None,
         n = workers or default_workers()
         processes = cluster == "local"
         kw = {"memory_limit": memory_limit} if memory_limit else {}
-        with LocalCluster(
+        with _local_cluster(
             n_workers=n, threads_per_worker=1, processes=processes,
             dashboard_address=":0", silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
             **kw,

@@ -34,7 +34,7 @@ import xarray as xr
 import zarr
 
 from somaflow import __version__
-from somaflow.errors import IncompleteResultError, InputError, StoreError
+from somaflow.errors import IncompleteResultError, InputError, StoreError, store_full
 from somaflow.io import stores
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ def write_dataset(
         try:
             pending = ds.to_zarr(tmp, mode="w", compute=False, **_zarr_kwargs(tmp, storage_options))
             dask.compute(pending, scheduler=scheduler)
-        except (OSError, PermissionError) as exc:
-            raise StoreError(f"cannot write {url!r}: {exc}") from exc
+        except OSError as exc:
+            raise store_full(exc, repr(url)) or StoreError(f"cannot write {url!r}: {exc}") from exc
     mark_complete(url, storage_options=storage_options)
     return url
 

@@ -1,10 +1,13 @@
-"""A fault-injecting, request-counting HTTP proxy in front of an S3-compatible endpoint.
+"""A fault-injecting, request-counting HTTP proxy in front of an HTTP service.
 
-Tests and benchmarks put it between somaflow and a loopback S3 server (moto's)
-to see what a run sends to the store and to make the store misbehave the way
-real ones do: ``503 Slow Down``, connections reset mid-request, slow answers,
-or no answer at all. Point somaflow at :attr:`S3FaultProxy.url` instead of the
-server (``SOMAFLOW_S3_ENDPOINT_URL``)::
+Tests and benchmarks put it between somaflow and a loopback server to see what
+a run sends and to make the server misbehave the way real ones do: error
+answers (``503``, ``500``), connections reset mid-request, slow answers, or no
+answer at all. :class:`FaultProxy` relays any HTTP/1.1 service (the inference
+service's Triton endpoint, answering errors as Triton does: a JSON ``error``);
+:class:`S3FaultProxy` answers errors as S3 does (``503 Slow Down`` in XML). Point
+somaflow at :attr:`FaultProxy.url` instead of the server
+(``SOMAFLOW_S3_ENDPOINT_URL``, ``--inference``)::
 
     with S3FaultProxy("http://127.0.0.1:5000") as proxy:
         proxy.inject(Fault("503", first=20))            # the next 20 requests get 503
@@ -22,6 +25,7 @@ import http.client
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -36,6 +40,22 @@ _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</C
               b"<Message>Please reduce your request rate.</Message></Error>")
 _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
              b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+#: (content type, body) of the error answers by status, as a Triton server gives them
+_JSON_ERRORS = {503: ("application/json", b'{"error":"Service Unavailable"}'),
+                500: ("application/json", b'{"error":"Internal Server Error"}'),
+                502: ("application/json", b'{"error":"Bad Gateway: the upstream did not answer"}')}
+#: ... and as S3 does
+_S3_ERRORS = {503: ("application/xml", _SLOW_DOWN), 500: ("application/xml", _INTERNAL),
+              502: ("application/xml", _INTERNAL)}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client gave up, e.g. on a slow answer
+            return
+        super().handle_error(request, client_address)
 
 
 @dataclass
@@ -90,27 +110,36 @@ class Fault:
         return self.during is not None and now - self._start >= self.during[1]
 
 
-class S3FaultProxy:
+class FaultProxy:
     """An HTTP proxy on loopback that forwards to ``upstream`` and injects :class:`Fault` s.
+
+    An upstream that does not answer (refused, reset) gives ``502``.
 
     Parameters
     ----------
     upstream : str
-        ``http://HOST:PORT`` of the S3-compatible server.
+        ``http://HOST:PORT`` of the server (:meth:`set_upstream` changes it, e.g. for a
+        service restarted on another port).
     host, port : optional
         Where to listen (port 0: a free one).
     """
 
+    #: (content type, body) of the error answers by status
+    errors: dict[int, tuple[str, bytes]] = _JSON_ERRORS
+
     def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0) -> None:
-        parsed = urllib.parse.urlsplit(upstream)
-        self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.set_upstream(upstream)
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._log: list[tuple[float, str, str, int]] = []
-        self._server = ThreadingHTTPServer((host, port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
+
+    def set_upstream(self, upstream: str) -> None:
+        """Forward the next requests to ``upstream`` (``http://HOST:PORT``)."""
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,9 +149,9 @@ class S3FaultProxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> S3FaultProxy:
+    def start(self) -> FaultProxy:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy",
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy",
                                         daemon=True)
         self._thread.start()
         return self
@@ -132,7 +161,7 @@ class S3FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> S3FaultProxy:
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -220,12 +249,14 @@ class S3FaultProxy:
                 self.close_connection = True
                 self.connection.close()
 
-            def _error(self, status: int, body: bytes) -> None:
+            def _error(self, status: int) -> int:
+                ctype, body = proxy.errors[status]
                 self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                return len(body)
 
             def _relay(self) -> None:
                 method = self.command
@@ -237,9 +268,7 @@ class S3FaultProxy:
                     self._reset()
                     return
                 if fault is not None and fault.kind in ("503", "500"):
-                    payload = _SLOW_DOWN if fault.kind == "503" else _INTERNAL
-                    proxy._count(label, self.path, int(fault.kind), len(body), len(payload))
-                    self._error(int(fault.kind), payload)
+                    proxy._count(label, self.path, int(fault.kind), len(body), self._error(int(fault.kind)))
                     return
                 if fault is not None and fault.kind == "slow":
                     time.sleep(fault.delay)
@@ -264,11 +293,17 @@ class S3FaultProxy:
                         self.wfile.write(data)
                     proxy._count(label, self.path, resp.status, len(body), len(data))
                 except OSError:
-                    proxy._count(label, self.path, 502, len(body), 0)
-                    self._error(502, _INTERNAL)
+                    proxy._count(label, self.path, 502, len(body), self._error(502))
                 finally:
                     conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay  # noqa: N815
 
         return Handler
+
+
+class S3FaultProxy(FaultProxy):
+    """A :class:`FaultProxy` in front of an S3-compatible server: its error answers are S3's
+    (``503 SlowDown``, ``500 InternalError`` in XML), which S3 clients retry."""
+
+    errors = _S3_ERRORS
