@@ -4,6 +4,7 @@ blocks, parameter counts, channels-last memory format.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,49 @@ class _ConvBlock3d(nn.Sequential):
         super().__init__(*layers)
 
 
+def _block_lean(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` of a :class:`_ConvBlock3d` in eval mode with one output tensor: batch norm, ReLU
+    (and the eval-mode dropout, the identity) applied in place to the convolution's output.
+
+    Equal to ``block(x)`` up to float rounding; for inference (no autograd)."""
+    conv, bn = block[0], block[1]
+    y = conv(x)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    view = (1, -1) + (1,) * (y.ndim - 2)
+    return y.mul_(scale.view(view)).add_(shift.view(view)).relu_()
+
+
+def _time_slabs(fn: Any, x: torch.Tensor, halo: int, slab: int, out: torch.Tensor | None = None,
+                add: bool = False) -> torch.Tensor:
+    """``fn(x)`` computed over overlapping slabs of ``slab`` frames of ``x`` (B, C, T, ...).
+
+    ``fn`` must keep the time axis: stride-1 'same' convolutions reaching ``halo`` frames in all
+    (e.g. 2 for two stacked 3×3×3 convolutions) and pointwise operations. Each slab is read with
+    ``halo`` frames of context on both sides, so the result equals ``fn(x)`` up to float rounding,
+    while the convolutions' copies of their inputs and their outputs are slab-sized. Written into
+    ``out`` (added to it with ``add``) when given, else into a new tensor.
+    """
+    n = x.shape[2]
+    for t0 in range(0, n, slab):
+        t1 = min(n, t0 + slab)
+        a, b = max(0, t0 - halo), min(n, t1 + halo)
+        y = fn(x[:, :, a:b])[:, :, t0 - a:t1 - a]
+        if out is None:
+            out = y.new_empty(tuple(y.shape[:2]) + (n,) + tuple(y.shape[3:]))
+        if add:
+            out[:, :, t0:t1] += y
+        else:
+            out[:, :, t0:t1] = y
+        del y
+    assert out is not None
+    return out
+
+
+#: time slab (frames) of the inference-only lean passes (:func:`_time_slabs`)
+LEAN_SLAB = 16
+
+
 class _DenseStack3d(nn.Module):
     """A dense feature stack: each layer sees the concatenation of the input and all earlier outputs.
 
@@ -120,6 +164,22 @@ class _DenseStack3d(nn.Module):
         for layer in self.layers:
             feats.append(layer(torch.cat(feats, dim=1)))
         return torch.cat(feats, dim=1)
+
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference in eval mode, in less memory: the output is allocated once and
+        each layer writes its features into it (no concatenated copies). ``x`` is copied in; the
+        caller may drop it afterwards. Equal to :meth:`forward` up to float rounding."""
+        cin = x.shape[1]
+        out = x.new_empty((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
+        out[:, :cin] = x
+        c = cin
+        for layer in self.layers:
+            g = layer[0].out_channels
+            # by time slabs: a convolution's input copy and output are slab-sized; the layer reads
+            # channels [:c] and writes [c:c + g], so writing into ``out`` cannot change what it reads
+            _time_slabs(functools.partial(_block_lean, layer), out[:, :c], 1, LEAN_SLAB, out=out[:, c:c + g])
+            c += g
+        return out
 
 
 class _FrameEncoder(nn.Module):
