@@ -432,3 +432,35 @@ def test_movie_detector_batch_tasks_receive_only_their_frames(monkeypatch):
     cnn.detect_cnn(movie, _images(sim), "stneuronet", p, 5.0)
     assert sorted(seen) == sorted(b - a for a, b in batch_plan(100, p.input))
     assert max(seen) < 100
+
+
+@pytest.mark.parametrize("background", ["highpass", "opening"])
+def test_batch_input_read_by_chunks_equals_the_whole_batch(monkeypatch, background):
+    # a batch task reads its frames a chunk at a time, carrying the frames of a bin cut by a chunk
+    # boundary, and prepares them by small pieces: the input must be that of the whole batch at once,
+    # with a partial last bin, from a numpy array, a dask slice or its holder, and lazily (the holder's
+    # graph is only its chunks' readers)
+    import pickle
+
+    import dask.array as da
+
+    import somaflow.detect.cnn as cnn
+    from somaflow.nn.inputs import DetectorInputParams, detector_batch, pad_batch, pixel_statistics
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(100, 4000, (47, 24, 20)).astype(np.uint16)
+    movie = xr.DataArray(frames, dims=("frame", "y", "x"))
+    stats = pixel_statistics(movie)
+    params = DetectorInputParams(fps=15.0, bin_fps=5.0, background=background, opening_radius=3.0)
+    assert params.factor == 3
+    want = pad_batch(detector_batch(frames, stats, params), params.pad_multiple)
+    monkeypatch.setattr(cnn, "_PIECE_BYTES", 4 * 24 * 20 * 7)  # pieces of 6 frames: 2 bins
+    lazy = da.from_array(frames, chunks=((10, 11, 5, 21), 24, 20))  # boundaries inside bins
+    for given in (frames, lazy, cnn._Frames(lazy)):
+        got = cnn._batch_input(given, stats, params)
+        np.testing.assert_array_equal(got, want)
+    pieces = da.concatenate([da.from_array(frames[i:i + 10]) for i in range(0, 47, 10)])
+    holder = cnn._Frames(pieces[40:47])
+    assert holder.shape == (7, 24, 20)
+    np.testing.assert_array_equal(np.asarray(holder), frames[40:47])
+    assert len(pickle.dumps(holder)) < frames[:20].nbytes  # the last piece, not the 47-frame source

@@ -137,6 +137,34 @@ def test_convnet2p1d_accepts_any_number_of_frames_and_chunks_exactly():
         torch.testing.assert_close(model(x.flip(2)), whole)
 
 
+@pytest.mark.parametrize("slab", [16, 3])
+def test_stneuronet_lean_inference_pass_equals_the_training_graph(monkeypatch, slab):
+    # eval mode without autograd takes the lean pass (in-place batch norm, time slabs, the fusing
+    # convolution split over the skips): the same map as the autograd graph, up to float rounding,
+    # whether the time slabs cut the stacks' time axis in two or in many
+    import somaflow.nn.detectors as detectors
+    import somaflow.nn.layers as layers
+
+    monkeypatch.setattr(detectors, "LEAN_SLAB", slab)
+    monkeypatch.setattr(layers, "LEAN_SLAB", slab)
+    torch.manual_seed(0)
+    model = build_model("stneuronet", width=8, n_dense=2).eval()
+    with torch.no_grad():  # batch norms with statistics of their own, not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = _randn(2, 1, 40, 24, 32, seed=5)
+    with torch.enable_grad():
+        graph = model(x)
+    assert graph.requires_grad
+    with torch.inference_mode():
+        lean = model(x)
+    torch.testing.assert_close(lean, graph.detach(), rtol=1e-4, atol=1e-5)
+
+
 def test_convnet2p1d_receptive_field_is_33_px_without_gaps():
     model = build_model("convnet2p1d", width=2).eval()
     with torch.no_grad():  # positive weights keep every ReLU open: the gradient marks the field

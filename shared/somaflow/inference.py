@@ -154,7 +154,7 @@ class LocalBackend:
         net = _on_device(weights_path(model, weights), device)
         parts = inputs if isinstance(inputs, tuple) else (inputs,)
         tensors = [torch.from_numpy(np.ascontiguousarray(p, np.float32)).to(device) for p in parts]
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd: the detectors take their lean inference path
             out = net(tensors[0] if len(tensors) == 1 else tuple(tensors))
         return probability(out).cpu().numpy().astype(np.float32)
 
@@ -457,7 +457,7 @@ def tiled(
             y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
             ya, xa = max(y0 - margin, 0), max(x0 - margin, 0)
             yb, xb = min(y1 + margin, H), min(x1 + margin, W)
-            block = x[..., ya:yb, xa:xb]
+            block = np.ascontiguousarray(x[..., ya:yb, xa:xb])  # x may be a turned view (tiled_views)
             h, w = block.shape[-2:]
             ph, pw = (-h) % multiple, (-w) % multiple
             if ph or pw:
@@ -478,7 +478,7 @@ _TTA: dict[int, tuple[tuple[int, bool], ...]] = {
 TTA_COUNTS: tuple[int, ...] = tuple(_TTA)
 
 
-def dihedral_mean(fn: Any, x: np.ndarray, n: int) -> np.ndarray:
+def dihedral_mean(fn: Any, x: np.ndarray, n: int, *, copy: bool = True) -> np.ndarray:
     """Test-time augmentation: the mean of ``fn`` over ``n`` rotations/flips of ``x``.
 
     Each view of ``x`` is rotated by k × 90° and/or flipped (left-right) in
@@ -495,6 +495,10 @@ def dihedral_mean(fn: Any, x: np.ndarray, n: int) -> np.ndarray:
     n : int
         Views: 1 (``fn(x)``), 2 (and its mirror image), 4 (the four
         rotations) or 8 (rotations of ``x`` and of its mirror image).
+    copy : bool
+        Give ``fn`` each view as a contiguous copy; False: as a strided view
+        of ``x`` (no copy of the whole input per view), for an ``fn`` that
+        reads it by pieces.
 
     Returns
     -------
@@ -507,7 +511,7 @@ def dihedral_mean(fn: Any, x: np.ndarray, n: int) -> np.ndarray:
         view = np.rot90(x, k, axes=(-2, -1))
         if flip:
             view = view[..., ::-1]
-        out = np.asarray(fn(np.ascontiguousarray(view)), np.float32)
+        out = np.asarray(fn(np.ascontiguousarray(view) if copy else view), np.float32)
         if flip:
             out = out[..., ::-1]
         out = np.rot90(out, -k, axes=(-2, -1))
@@ -535,4 +539,5 @@ def tiled_views(fn: Any, x: np.ndarray, *, tile: int, margin: int, views: int) -
     -------
     ndarray, (H, W) float32
     """
-    return dihedral_mean(lambda v: tiled(fn, v[None], tile=tile, margin=margin)[0], x, views)
+    # each view is read tile by tile: no copy of the whole input per view
+    return dihedral_mean(lambda v: tiled(fn, v[None], tile=tile, margin=margin)[0], x, views, copy=False)

@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.core import flatten
+from dask.optimization import cull
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from somaflow.detect.postprocess import (
@@ -52,11 +55,11 @@ from somaflow.nn.images import mean_channel, summary_channels
 from somaflow.nn.inputs import (
     DetectorInputParams,
     batch_plan,
-    detector_batch,
-    pad_batch,
+    compensate,
     pixel_statistics,
 )
 from somaflow.nn.ood import detection_rate, input_statistics, out_of_distribution
+from somaflow.preprocess.temporal import sum_bins
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +182,96 @@ def _predict_batch(model: str, weights: str, batch: np.ndarray, p: CnnParams) ->
                        views=p.views(model))
 
 
-def _batch_task(model: str, weights: str, frames: np.ndarray, stats: xr.Dataset, p: CnnParams,
+#: raw frames read, binned and prepared at a time in a batch task (float32 bytes)
+_PIECE_BYTES = 32 << 20
+
+
+class _Frames:
+    """A batch's raw frames, a dask slice handed to its task un-computed.
+
+    Dask computes every collection passed to ``delayed`` into one in-memory argument; wrapped in this
+    holder the slice travels as its (culled) graph instead, which for a movie on a store is only the
+    readers of its chunks, and the task reads it a chunk at a time (:func:`_batch_input`). Array-like:
+    ``shape``, slicing (lazy) and ``numpy.asarray`` (reads it all).
+    """
+
+    def __init__(self, frames: da.Array) -> None:
+        # only the tasks these frames need (dask.optimize keeps whole layers, e.g. every chunk of a
+        # concatenation)
+        graph, _ = cull(dict(frames.__dask_graph__()), list(flatten(frames.__dask_keys__())))
+        self.frames = da.Array(graph, frames.name, frames.chunks, meta=frames._meta)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.frames.shape)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], ...]:
+        return self.frames.chunks
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.frames[key]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return np.asarray(_read(self.frames, 0, self.shape[0]), dtype)
+
+
+def _read(frames: Any, a: int, b: int) -> np.ndarray:
+    """Frames ``[a, b)`` of a numpy or dask array, in memory (a dask slice computed in this thread: a
+    task reading its own frames, not a nested submission to the cluster)."""
+    piece = frames[a:b]
+    if isinstance(piece, da.Array):
+        piece = piece.compute(scheduler="sync")
+    return np.asarray(piece)
+
+
+def _batch_input(frames: Any, stats: xr.Dataset, params: DetectorInputParams) -> np.ndarray:
+    """The detector input of a batch's (T, H, W) raw frames, read and prepared piece by piece.
+
+    Equal to ``pad_batch(detector_batch(frames, stats, params), params.pad_multiple)``: binning starts
+    at the first frame and every later step works frame by frame, so preparing the frames by pieces
+    of whole bins changes nothing. Memory: the (padded) binned batch, one chunk of raw frames (each
+    read once; frames of a bin cut by a chunk boundary are carried over to the next) and one piece
+    of ``_PIECE_BYTES`` in float32.
+    """
+    n, h, w = (int(v) for v in frames.shape)
+    if n == 0:
+        raise ValueError("a detector batch needs at least one frame")
+    k = params.factor
+    n_bins = -(-n // k)
+    out = np.zeros((n_bins + (-n_bins % params.pad_multiple), h, w), np.float32)
+    step = max(k, _PIECE_BYTES // (4 * h * w) // k * k)
+    chunks = getattr(frames, "chunks", None)
+    edges = np.cumsum((0,) + tuple(chunks[0])) if chunks else np.arange(0, n + step, step).clip(max=n)
+    carry: np.ndarray | None = None
+    done = 0  # raw frames binned so far (a multiple of k)
+    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+        raw = _read(frames, int(c0), int(c1))
+        if carry is not None and len(carry):
+            raw = np.concatenate([carry, raw])
+        usable = len(raw) if c1 >= n else len(raw) // k * k
+        for a in range(0, usable, step):
+            b = min(usable, a + step)
+            i = (done + a) // k
+            binned = compensate(sum_bins(raw[a:b], k), stats, params)
+            out[i:i + len(binned)] = binned
+        done += usable
+        carry = raw[usable:]
+        del raw
+    return out
+
+
+def _batch_task(model: str, weights: str, frames: Any, stats: xr.Dataset, p: CnnParams,
                 post: PostprocessParams | None) -> _BatchResult:
     """One temporal batch: its probability map and, with ``post``, its masks (sparse).
 
-    ``frames``: the batch's (T, H, W) frames; the caller passes the dask slice
-    ``movie.data[start:stop]``, so the task depends on (and its worker reads)
-    only the chunks holding those frames.
+    ``frames``: the batch's (T, H, W) raw frames: a numpy array, a dask slice ``movie.data[start:stop]``
+    or its :class:`_Frames` holder, read a chunk at a time (:func:`_batch_input`), so the task reads
+    only its own frames and holds one chunk of them at a time.
     """
-    block = np.asarray(frames, np.float32)
-    batch = pad_batch(detector_batch(block, stats, p.input), p.input.pad_multiple)
+    batch = _batch_input(frames, stats, p.input)
     prob = _predict_batch(model, weights, batch, p)
+    del batch
     masks = [as_sparse(probability_to_masks(prob, post))] if post is not None else []
     return _BatchResult(masks, prob, 1)
 
@@ -263,12 +345,15 @@ def detect_cnn(movie: xr.DataArray, images: xr.Dataset, method: str, p: CnnParam
         starts = batch_plan(int(movie.sizes["frame"]), p.input)
         # STNeuroNet's per-batch post-processing runs in the batch's task
         per_batch = post if method == "stneuronet" else None
-        # each task gets the dask slice of its frames, never the whole movie (dask would compute a whole
-        # collection handed to delayed into every task)
-        data = movie.data  # dask or numpy: a slice of either is only the batch
+        # each task gets the dask slice of its frames un-computed, never the whole movie nor its batch in
+        # one piece (dask would compute a collection handed to delayed into the task's argument): it reads
+        # them a chunk at a time
+        data = movie.data
+        wrap = _Frames if isinstance(data, da.Array) else np.asarray
         # the (y, x) statistics once, as one key every batch task depends on (not a copy per task)
         shared = dask.delayed(stats, pure=True)
-        tasks = [dask.delayed(_batch_task)(method, weights, data[s:e], shared, p, per_batch) for s, e in starts]
+        tasks = [dask.delayed(_batch_task)(method, weights, wrap(data[s:e]), shared, p, per_batch)
+                 for s, e in starts]
         res = _reduce_batches(tasks, np.maximum if method == "stneuronet" else np.add)
         log.info("%s: %d batches of %d frames", method, res.count, p.input.batch_frames)
         if method == "stneuronet":

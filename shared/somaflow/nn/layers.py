@@ -4,10 +4,12 @@ blocks, parameter counts, channels-last memory format.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from somaflow.errors import InputError, ParameterError
@@ -102,6 +104,100 @@ class _ConvBlock3d(nn.Sequential):
         super().__init__(*layers)
 
 
+def _bn_relu_(block: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
+    """The batch norm and ReLU of a :class:`_ConvBlock3d` in eval mode (dropout: the identity), applied in
+    place to its convolution's output ``y``."""
+    bn = block[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    view = (1, -1) + (1,) * (y.ndim - 2)
+    return y.mul_(scale.view(view)).add_(shift.view(view)).relu_()
+
+
+def _block_lean(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` of a :class:`_ConvBlock3d` in eval mode with one output tensor (batch norm and ReLU
+    in place). Equal to ``block(x)`` up to float rounding; for inference (no autograd)."""
+    return _bn_relu_(block, block[0](x))
+
+
+def _out_frames(conv: nn.Conv3d, n: int) -> int:
+    """Output frames (dim 2) of ``conv`` on ``n`` input frames."""
+    s, k, p, d = conv.stride[0], conv.kernel_size[0], conv.padding[0], conv.dilation[0]
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _in_range(conv: nn.Conv3d, n: int, o0: int, o1: int) -> tuple[int, int]:
+    """The input frames ``[a, b)`` (within ``[0, n)``) that output frames ``[o0, o1)`` of ``conv`` read."""
+    s, k, p, d = conv.stride[0], conv.kernel_size[0], conv.padding[0], conv.dilation[0]
+    return max(0, s * o0 - p), min(n, s * (o1 - 1) - p + d * (k - 1) + 1)
+
+
+def _conv_range(conv: nn.Conv3d, weight: torch.Tensor, bias: torch.Tensor | None, src: torch.Tensor,
+                start: int, total: int, o0: int, o1: int) -> torch.Tensor:
+    """Output frames ``[o0, o1)`` (dim 2) of ``conv``'s geometry with ``weight`` and ``bias``, from ``src``,
+    frames ``[start, start + len)`` of an input of ``total`` frames (which must cover the frames read).
+
+    The input's time padding is zeros beyond frames 0 and ``total`` only, so this equals the
+    corresponding frames of the convolution of the whole input, up to float rounding.
+    """
+    s, k, p, d = conv.stride[0], conv.kernel_size[0], conv.padding[0], conv.dilation[0]
+    a, b = s * o0 - p, s * (o1 - 1) - p + d * (k - 1) + 1
+    lo, hi = max(0, a), min(total, b)
+    if lo < start or hi > start + src.shape[2]:
+        raise ValueError(f"frames [{lo}, {hi}) needed, [{start}, {start + src.shape[2]}) given")
+    piece = src[:, :, lo - start:hi - start]
+    if lo > a or hi < b:
+        piece = F.pad(piece, (0, 0, 0, 0, lo - a, b - hi))
+    return _conv3d(piece, weight, bias, (s,) + tuple(conv.stride[1:]), (0,) + tuple(conv.padding[1:]),
+                   tuple(conv.dilation), conv.groups)
+
+
+def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...],
+            padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """``F.conv3d``, by oneDNN on CPUs that have it whatever the input's size.
+
+    For a float32 CPU input with ``N·C·D·H ≤ 20480`` and a kernel of side ≤ 3, PyTorch picks its
+    im2col convolution, whose column buffer is ``C·k³`` times the output (~0.25 GB for a 16-channel,
+    10-frame slab at 128²): the slabs of the lean passes are that small by design.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, list(padding), list(stride),
+                                        list(dilation), groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _block_range(block: nn.Sequential, src: torch.Tensor, start: int, total: int, o0: int,
+                 o1: int) -> torch.Tensor:
+    """Output frames ``[o0, o1)`` of a :class:`_ConvBlock3d` in eval mode (see :func:`_conv_range`)."""
+    conv = block[0]
+    return _bn_relu_(block, _conv_range(conv, conv.weight, conv.bias, src, start, total, o0, o1))
+
+
+def _time_slabs(fn: Any, x: torch.Tensor, halo: int, slab: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn(x)`` computed over overlapping slabs of ``slab`` frames of ``x`` (B, C, T, ...).
+
+    ``fn`` must keep the time axis: stride-1 'same' convolutions reaching ``halo`` frames in all and
+    pointwise operations. Each slab is read with ``halo`` frames of context on both sides, so the
+    result equals ``fn(x)`` up to float rounding, while the convolutions' copies of their inputs and
+    their outputs are slab-sized. Written into ``out`` when given, else into a new tensor.
+    """
+    n = x.shape[2]
+    for t0 in range(0, n, slab):
+        t1 = min(n, t0 + slab)
+        a, b = max(0, t0 - halo), min(n, t1 + halo)
+        y = fn(x[:, :, a:b])[:, :, t0 - a:t1 - a]
+        if out is None:
+            out = y.new_empty(tuple(y.shape[:2]) + (n,) + tuple(y.shape[3:]))
+        out[:, :, t0:t1] = y
+        del y
+    assert out is not None
+    return out
+
+
+#: time slab (frames) of the inference-only lean passes
+LEAN_SLAB = 16
+
+
 class _DenseStack3d(nn.Module):
     """A dense feature stack: each layer sees the concatenation of the input and all earlier outputs.
 
@@ -120,6 +216,55 @@ class _DenseStack3d(nn.Module):
         for layer in self.layers:
             feats.append(layer(torch.cat(feats, dim=1)))
         return torch.cat(feats, dim=1)
+
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference in eval mode, in less memory: the output is allocated once and
+        each layer writes its features into it (no concatenated copies). ``x`` is copied in; the
+        caller may drop it afterwards. Equal to :meth:`forward` up to float rounding."""
+        cin = x.shape[1]
+        out = x.new_empty((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
+        out[:, :cin] = x
+        c = cin
+        for layer in self.layers:
+            g = layer[0].out_channels
+            # by time slabs: a convolution's input copy and output are slab-sized; the layer reads
+            # channels [:c] and writes [c:c + g], so writing into ``out`` cannot change what it reads
+            _time_slabs(functools.partial(_block_lean, layer), out[:, :c], 1, LEAN_SLAB, out=out[:, c:c + g])
+            c += g
+        return out
+
+
+def _dense_range(stack: _DenseStack3d, src: torch.Tensor, start: int, total: int, o0: int,
+                 o1: int) -> torch.Tensor:
+    """Output frames ``[o0, o1)`` of a dense stack in eval mode from ``src``, frames ``[start, start +
+    len)`` of its input of ``total`` frames, which must cover ``[o0 - n, o1 + n)`` (``n`` layers, each a
+    3×3×3 convolution reaching one frame) within ``[0, total)``."""
+    n = len(stack.layers)
+    feats, at = src, start
+    for i, layer in enumerate(stack.layers):
+        reach = n - 1 - i  # frames the later layers still read around [o0, o1)
+        lo, hi = max(0, o0 - reach), min(total, o1 + reach)
+        y = _block_range(layer, feats, at, total, lo, hi)
+        feats, at = torch.cat([feats[:, :, lo - at:hi - at], y], dim=1), lo
+    return feats[:, :, o0 - at:o1 - at]
+
+
+def _upsample_frames(x: torch.Tensor, size: Sequence[int], lo: int, hi: int) -> torch.Tensor:
+    """Frames ``[lo, hi)`` of ``F.interpolate(x, size, mode="trilinear", align_corners=False)``.
+
+    Trilinear interpolation is separable: the coarse frames these output frames read are
+    upsampled in space, then interpolated linearly in time with PyTorch's source indices. Equal
+    to the slice of the whole upsampling up to float rounding.
+    """
+    n_in, n_out = x.shape[2], int(size[0])
+    dst = torch.arange(lo, hi, dtype=torch.float32, device=x.device)
+    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w = (src - i0).view(1, 1, -1, 1, 1)
+    a, b = int(i0.min()), int(i1.max()) + 1
+    frames = F.interpolate(x[:, :, a:b], size=(b - a,) + tuple(size[1:]), mode="trilinear", align_corners=False)
+    return frames[:, :, i0 - a] * (1 - w) + frames[:, :, i1 - a] * w
 
 
 class _FrameEncoder(nn.Module):
