@@ -371,3 +371,22 @@ def test_calcium_params_validate_with_the_deconvolution():
     assert c.g_scope == p.deconvolution.g_scope and c.tau_s == p.deconvolution.tau_s
     assert TraceParams.model_validate(p.model_dump()) == p
     assert TraceParams(calcium=None).calcium_deconvolution() == TraceParams().deconvolution
+
+
+def test_block_tasks_refer_to_the_pixel_weights_instead_of_carrying_them():
+    """The units' pixel indices and weights are one key of the graph: a per-chunk task pickles to a
+    few kB however many units there are (each carried a copy of the indices before)."""
+    import pickle
+
+    ny = nx = 256
+    yy, xx = np.mgrid[:ny, :nx]
+    centres = [(y, x) for y in range(8, ny - 8, 12) for x in range(8, nx - 8, 12)]  # 400 units
+    masks = np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 <= 16 for cy, cx in centres])
+    movie = xr.DataArray(da.zeros((64, ny, nx), np.float32, chunks=(16, -1, -1)), dims=("frame", "y", "x"),
+                         attrs={"fps": FPS})
+    ds = extract_traces(movie, as_masks(masks), TraceParams.for_movie(FPS, "2p", 4.0))
+    graph = dict(ds["traces"].data.__dask_graph__())
+    sizes = sorted(len(pickle.dumps(task)) for task in graph.values())
+    assert sizes[-1] > 100_000  # the weights themselves, once
+    block_tasks = [len(pickle.dumps(t)) for k, t in graph.items() if "project_block" in str(k)]
+    assert len(block_tasks) >= 4 and max(block_tasks) < 20_000

@@ -465,18 +465,21 @@ def _weight_matrix(cells: sp.csr_matrix, shape: tuple[int, int], params: TracePa
 
 def _project(data: da.Array, rows: sp.csr_matrix) -> da.Array:
     """(row, frame) = rows @ movie, one sparse product per frame chunk (float64)."""
-    cols = np.unique(rows.indices)
+    cols = np.unique(rows.indices).astype(np.int32)
     sub = rows[:, cols].T.tocsr()  # (support pixels, row)
+    # one key for the pixel indices and weights: every block task refers to it, none carries a copy
     return da.blockwise(
         _project_block, "uf", data, "fyx",
-        cols=cols, sub=dask.delayed(sub, pure=True),
+        weights=dask.delayed((cols, sub), pure=True),
         new_axes={"u": rows.shape[0]}, concatenate=True, dtype=np.float64,
         meta=np.empty((0, 0), np.float64),
     )
 
 
-def _project_block(block: np.ndarray, cols: np.ndarray, sub: sp.csr_matrix) -> np.ndarray:
-    """(row, t) projections of one (t, y, x) chunk on the support pixels ``cols``."""
+def _project_block(block: np.ndarray, weights: tuple[np.ndarray, sp.csr_matrix]) -> np.ndarray:
+    """(row, t) projections of one (t, y, x) chunk: ``weights`` = (support pixel indices ``cols``,
+    (support pixel, row) weights)."""
+    cols, sub = weights
     t = block.shape[0]
     pixels = block.reshape(t, -1)[:, cols].astype(np.float64)
     return np.ascontiguousarray(np.asarray(pixels @ sub).T)
