@@ -70,7 +70,14 @@ def fit_movie(movie: xr.DataArray, params: CnmfParams) -> xr.DataArray:
     if k > 1:
         fit = fit.coarsen(frame=k, boundary="trim").mean()
     tile = int(min(params.patch_size, 128))
-    fit = fit.chunk({"frame": FIT_CHUNK_FRAMES, "y": tile, "x": tile}).rename("movie")
+    if isinstance(fit.data, da.Array):
+        # the task-based rechunk: dask's P2P rechunk, which it picks for large movies on a distributed
+        # client, lost its barrier's output when the store was computed (FutureCancelledError "lost
+        # dependencies" on a 4000-frame 512x512 movie, dask 2026.11)
+        fit = fit.copy(data=fit.data.rechunk((FIT_CHUNK_FRAMES, tile, tile), method="tasks"))
+    else:
+        fit = fit.chunk({"frame": FIT_CHUNK_FRAMES, "y": tile, "x": tile})
+    fit = fit.rename("movie")
     return fit.drop_vars(list(fit.coords))
 
 
