@@ -37,7 +37,7 @@ AUTO_CONFIDENCE = 2.0
 #: match-and-warp rounds of the piecewise estimate (see _patch_deviations)
 _PATCH_ROUNDS = 3
 #: frames whose smaller side reaches this (px) are registered on 2x2-binned copies by default
-DOWNSAMPLE_SIDE = 256
+DOWNSAMPLE_SIDE = 384
 
 
 #: relative Tikhonov damping of the whole-field refinement (see _refine_field)
@@ -159,7 +159,7 @@ class MotionParams(BaseModel):
     )
     min_patch_contrast: float = Field(0.1, ge=0, le=1, description="patch texture floor")
     min_patch_correlation: float = Field(0.5, ge=0, le=1, description="patch peak floor")
-    downsample: int = Field(1, ge=1, le=8, description="binning factor for estimation (2p >= 256 px: 2)")
+    downsample: int = Field(1, ge=1, le=8, description="binning factor for estimation (2p >= 384 px: 2)")
     interpolation_order: Literal[1, 3] = Field(3, description="spline order when applying")
     border: Literal["nearest", "reflect", "zero", "nan"] = Field(
         "nearest", description="fill of pixels shifted in from outside the frame"
@@ -228,7 +228,8 @@ class MotionParams(BaseModel):
             :data:`DOWNSAMPLE_SIDE` px (on a 512x512 ``2p-large`` movie, seed 3,
             120 frames: piecewise estimation 477 -> 76 CPU ms per frame, patch
             RMS error 0.090 -> 0.109 px; rigid 54 -> 28 ms, 0.061 -> 0.063 px),
-            1 below and for 1p (not measured there); the other fields
+            1 below and for 1p (not measured there: the Neurofinder 00 excerpt,
+            512 x 256, and 2p-medium, 256 x 256, keep full resolution); the other fields
             keep their defaults.
 
         Raises
