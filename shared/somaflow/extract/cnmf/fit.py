@@ -81,7 +81,8 @@ def fit_movie(movie: xr.DataArray, params: CnmfParams) -> xr.DataArray:
     return fit.drop_vars(list(fit.coords))
 
 
-#: frames per chunk of the fit movie: a task that streams a region reads this many frames at a time
+#: frames per chunk of the stored fit movie: reading a frame range of a region decompresses only the
+#: chunks it overlaps (summary-image tasks read ``_STREAM_BYTES`` at a time, patch tasks every frame)
 FIT_CHUNK_FRAMES = 250
 
 #: ``read(region, frames)``: the (y, x) ``region`` of the fit movie's ``frames`` (a slice; all
